@@ -1,0 +1,1 @@
+"""Data: LLaVA JSON records, chat templates, tokenizers, and the synthetic visual-QA world."""

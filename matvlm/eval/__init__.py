@@ -1,0 +1,1 @@
+"""Evaluation: metrics, task scoring and the evaluation runner."""

@@ -1,0 +1,88 @@
+"""Loading and saving model directories: clear errors for what is not a model, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+
+SUPPORTED_MODEL_TYPES = ("llava", "matvlm")
+# Files of a model directory that are not weights or the model config: tokenizer, processor, templates.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def read_model_type(path: str | Path) -> str:
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    model_type = config.get("model_type")
+    if model_type == "tinyllava":
+        raise ValueError(
+            f"{path} is a TinyLLaVA-format checkpoint; convert it to the HF Llava format first "
+            "(`matvlm import-tinyllava`, not available in this version yet)"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(LLaVA-style models in the transformers Llava format, and matvlm hybrids)"
+        )
+    return model_type
+
+
+def load_vlm(path: str | Path, dtype=None, device: str | None = None) -> PreTrainedModel:
+    """Load a Llava teacher or a matvlm hybrid from a local directory (no remote code, ever)."""
+    read_model_type(path)
+    import matvlm  # noqa: F401  (registers the "matvlm" model type)
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer / processor / template files of a model directory (not its weights or config)."""
+    copied = []
+    for item in sorted(Path(src).iterdir()):
+        if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, Path(dst) / item.name)
+            copied.append(item.name)
+    return copied
+
+
+@contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `out` and rename it into place only if the block succeeds.
+
+    An interrupted write leaves no directory that looks like a finished one at `out`.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,87 @@
+"""The hybrid model: a transformers Llava whose chosen decoder layers use a Mamba-2 mixer as `self_attn`.
+
+One class for training and inference. Everything but the mixers is the teacher's own transformers code,
+so teacher weights load without renaming and `generate()`, `save_pretrained` / `from_pretrained`,
+gradient checkpointing and the Auto classes work as for any Llava. transformers' `DynamicCache` reads
+`text_config.layer_types` and gives mixer layers a conv + SSM state instead of a KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers import initialization as init
+
+from .config import MaTVLMConfig
+from .mixer import Mamba2Mixer
+
+
+class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = MaTVLMConfig
+    config: MaTVLMConfig
+    _is_stateful = True  # mixer states cannot be rolled back: no assisted / contrastive decoding
+
+    def __init__(self, config: MaTVLMConfig):
+        super().__init__(config)
+        layers = self.model.language_model.layers
+        if config.mamba_layers:
+            settings = config.mixer_settings
+            if settings is None:
+                raise ValueError("text_config.layer_types names mixer layers but mamba_config is missing")
+            for i in config.mamba_layers:
+                layers[i].self_attn = Mamba2Mixer(settings, layer_idx=i)
+        if config.lm_head_bias:
+            text = config.text_config
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=True)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Mamba2Mixer):
+            # Only parameters not loaded from a checkpoint reach here (transformers' init guards).
+            s = module.settings
+            dt = torch.exp(
+                torch.rand(module.num_heads) * (torch.log(torch.tensor(s.dt_max)) - torch.log(torch.tensor(s.dt_min)))
+                + torch.log(torch.tensor(s.dt_min))
+            ).clamp(min=s.dt_init_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.copy_(module.A_log, torch.log(torch.empty(module.num_heads).uniform_(*s.A_init_range)))
+            init.ones_(module.D)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.language_model.layers
+
+    def mixers(self) -> dict[int, Mamba2Mixer]:
+        """Mixer modules by decoder layer index."""
+        return {i: self.decoder_layers[i].self_attn for i in self.config.mamba_layers}
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        # Attention layers get the causal mask that transformers builds; mixers need the 2-D padding mask
+        # of the tokens in this call so that left padding stays out of their conv and state.
+        if self.config.mamba_layers and attention_mask is not None and attention_mask.dim() == 2:
+            seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            current = attention_mask[:, -seqlen:]
+            if seqlen > 1 and not bool(current.all()):
+                kwargs["mixer_padding_mask"] = current
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+
+def register_auto_classes() -> None:
+    """After `import matvlm`, AutoConfig / AutoModelForImageTextToText / AutoProcessor know "matvlm"."""
+    AutoConfig.register(MaTVLMConfig.model_type, MaTVLMConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(MaTVLMConfig, MaTVLMForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(MaTVLMConfig, LlavaProcessor, exist_ok=True)

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from matvlm.tiny import tiny_llava
+
+
+@pytest.fixture(params=["phi", "llama"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def teacher(family):
+    return tiny_llava(family)
+
+
+def make_prompt(config, text_ids, image=True, seed=0):
+    """input_ids (1, L) with a block of image tokens after a BOS, and matching pixel_values."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [config.text_config.bos_token_id]
+    if image:
+        ids += [config.image_token_index] * config.image_seq_length
+    ids += list(text_ids)
+    size = config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=gen) if image else None
+    return torch.tensor([ids]), pixels
+
+
+def greedy_no_cache(model, input_ids, pixel_values, steps, banned):
+    """Reference decoding: full forward over the whole sequence at every step, no cache."""
+    ids = input_ids
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits[:, -1]
+        logits[:, banned] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, input_ids.shape[1]:]

@@ -1,0 +1,49 @@
+"""The command line: convert prints its table and writes a loadable hybrid; errors are clear."""
+
+import torch
+from typer.testing import CliRunner
+
+from matvlm.cli import app
+from matvlm.io import load_vlm
+from matvlm.tiny import tiny_llava
+
+runner = CliRunner()
+
+
+def test_convert_command(tmp_path):
+    teacher = tiny_llava("phi", num_layers=8)
+    teacher.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "tokenizer_config.json").write_text("{}")
+    result = runner.invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "hybrid"), "--ratio", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "0, 4" in result.output and "cache per token" in result.output
+    hybrid = load_vlm(tmp_path / "hybrid")
+    assert hybrid.config.mamba_layers == [0, 4]
+    assert (tmp_path / "hybrid" / "tokenizer_config.json").exists()
+    ids = torch.tensor([[1] + [teacher.config.image_token_index] * teacher.config.image_seq_length + [5]])
+    assert hybrid(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits.shape[-1] == 128
+
+    again = runner.invoke(app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "hybrid"), "--layers", "1,2"])
+    assert again.exit_code == 2 and "not empty" in again.output
+    explicit = runner.invoke(
+        app, ["convert", str(tmp_path / "teacher"), str(tmp_path / "h2"), "--layers", "1,2", "--overwrite"]
+    )
+    assert explicit.exit_code == 0, explicit.output
+    assert load_vlm(tmp_path / "h2").config.mamba_layers == [1, 2]
+
+
+def test_convert_errors(tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no config.json" in result.output
+    teacher = tiny_llava("phi")
+    teacher.save_pretrained(tmp_path / "t")
+    for args, message in [
+        (["--ratio", "1.5"], "ratio must be in (0, 1)"),
+        (["--layers", "0,9"], "out of range"),
+        (["--layers", "a,b"], "comma-separated integers"),
+        (["--ratio", "0.5", "--placement", "spiral"], "unknown placement"),
+    ]:
+        result = runner.invoke(app, ["convert", str(tmp_path / "t"), str(tmp_path / "o"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert not (tmp_path / "o").exists()
