@@ -1,0 +1,109 @@
+"""Tiny offline tokenizers for tests and toy runs, and a check that any tokenizer is usable.
+
+A trained tokenizer mirrors Phi-2's conventions so code paths are the same as with the real teacher:
+byte-level BPE, no BOS, ``eos == pad`` (``<|endoftext|>`` for the phi template), plus ``<image>`` as a
+real special vocabulary token (HF Llava needs an id, not TinyLLaVA's -200). Digits are split one by
+one: small models learn counting and reading numbers far more easily that way.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .templates import IMAGE_TOKEN, ChatTemplate, get_template
+
+__all__ = ["TokenizerError", "train_tokenizer", "check_tokenizer"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer lacks something the data pipeline needs."""
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 2048,
+    template: str | ChatTemplate = "phi",
+    image_token: str = IMAGE_TOKEN,
+    model_max_length: int | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` (offline) and wrap it for transformers.
+
+    Special tokens: the template's eos (also used as pad) and ``image_token`` (exposed as
+    ``tokenizer.image_token`` / ``tokenizer.image_token_id``, as transformers' Llava tokenizers do).
+    The template's chat format is attached as ``chat_template``.
+    """
+    chat = get_template(template)
+    specials = list(dict.fromkeys([chat.eos_token, image_token]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: the byte alphabet and special tokens alone "
+            f"need {len(alphabet) + len(specials)}"
+        )
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets for assistant masks
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,  # every byte is encodable, whatever the corpus
+        show_progress=False,
+    )
+    # The template's fixed text is part of every sample: train on it so it gets compact tokens.
+    fixed = [chat.system, chat.user_prefix, chat.assistant_prompt]
+    bpe.train_from_iterator(_chain(texts, fixed), trainer=trainer)
+
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=chat.eos_token,
+        pad_token=chat.eos_token,
+        extra_special_tokens={"image_token": image_token},
+        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
+        chat_template=chat.to_jinja(),
+        **kwargs,
+    )
+    check_tokenizer(tokenizer, image_token=image_token)
+    return tokenizer
+
+
+def _chain(texts: Iterable[str], extra: list[str]) -> Iterable[str]:
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train_tokenizer: texts must be strings, got {type(text).__name__}")
+        yield text
+    yield from (t for t in extra if t)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> None:
+    """Raise :class:`TokenizerError` naming every missing piece: the image token (must be one
+    vocabulary id that text containing it encodes to), an eos token and a pad token."""
+    problems: list[str] = []
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    unk = tokenizer.unk_token_id
+    if image_id is None or (unk is not None and image_id == unk):
+        problems.append(f"image token {image_token!r} is not in the vocabulary (add it as a special token)")
+    else:
+        ids = tokenizer(f"a{image_token}b", add_special_tokens=False)["input_ids"]
+        if ids.count(image_id) != 1:
+            problems.append(
+                f"image token {image_token!r} is in the vocabulary but text is not split on it "
+                "(add it as a special/added token)"
+            )
+    if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+        problems.append("no eos token (answers must end with one)")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id is None:
+        problems.append("no pad token (set pad_token, e.g. to the eos token)")
+    if problems:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TokenizerError(f"tokenizer {name!r} is missing: " + "; ".join(problems))
