@@ -100,6 +100,114 @@ def convert(
         fail(str(err))
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: the synthetic visual-QA world.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Path = typer.Argument(..., help="Where to write images/, train.json, test.json, world.json."),
+    train: int = typer.Option(20000, help="Training records."),
+    test: int = typer.Option(2000, help="Held-out records."),
+    seed: int = typer.Option(0, help="World seed (the test split uses its own stream and held-out combinations)."),
+    image_size: int = typer.Option(128, help="Image side in pixels."),
+    workers: int = typer.Option(1, help="Processes (the output is identical for any number)."),
+) -> None:
+    """Generate the synthetic visual-QA world in LLaVA JSON format."""
+    from matvlm.data.synth import generate_world
+
+    started = time.perf_counter()
+    info = generate_world(out_dir, train, test, seed=seed, image_size=image_size, progress=True, workers=workers)
+    elapsed = time.perf_counter() - started
+    table = Table(title=f"synthetic world v{info['generator_version']} (seed {seed})")
+    table.add_column("family")
+    table.add_column("metric")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    for family, metric in info["families"].items():
+        table.add_row(family, metric, str(info["counts"]["train"].get(family, 0)), str(info["counts"]["test"].get(family, 0)))
+    console.print(table)
+    console.print(f"wrote {train + test:,} records to {out_dir} in {elapsed:.1f} s")
+
+
+@app.command()
+def teacher(
+    data: Path = typer.Option(..., help="World directory (train.json, test.json, images/)."),
+    out: Path = typer.Option(..., help="Output model directory (HF Llava + processor)."),
+    config: Path = typer.Option(None, help="JSON file with TeacherConfig fields; options given here override it."),
+    family: str = typer.Option(None, help="phi | llama"),
+    steps: int = typer.Option(None, help="Optimizer steps."),
+    batch_size: int = typer.Option(None, help="Records per step."),
+    lr: float = typer.Option(None, help="Peak learning rate."),
+    seed: int = typer.Option(None, help="Seed for init and data order."),
+    num_workers: int = typer.Option(None, help="Data loader workers."),
+    resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT.run/ if there is one."),
+) -> None:
+    """Train a small LLaVA teacher from scratch (progress bar, periodic eval, atomic checkpoints, resume)."""
+    from matvlm.eval.report import results_table
+    from matvlm.teacher import TeacherConfig, train_teacher
+
+    fields = json.loads(config.read_text()) if config else {}
+    overrides = dict(family=family, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields.update(data=str(data), out=str(out))
+    try:
+        cfg = TeacherConfig(**fields)
+    except TypeError as err:
+        fail(f"bad teacher config: {err}")
+    results = train_teacher(cfg, resume=resume)
+    console.print(results_table(results, title=f"teacher held-out scores ({out})"))
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
+    data: Path = typer.Option(..., help="Test records (LLaVA JSON)."),
+    images: list[Path] = typer.Option(None, help="Image folder(s); default: images/ next to the JSON."),
+    batch_size: int = typer.Option(32, help="Prompts per generation batch."),
+    max_new_tokens: int = typer.Option(32, help="Longest answer."),
+    limit: int = typer.Option(0, help="Only the first N records (0: all)."),
+    out: Path = typer.Option(None, help="Results JSON (default: MODEL_DIR/eval-<data name>.json)."),
+    template: str = typer.Option(None, help="Chat template (default: the model's, else guessed from its tokenizer)."),
+    skip_bad: bool = typer.Option(False, help="Count and report bad records instead of stopping at the first."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+) -> None:
+    """Evaluate a model on held-out records: per-family scores, a table and a JSON file."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from matvlm.data.llava import BadRecordError, DataError, load_records
+    from matvlm.eval.report import results_table, write_json_atomic
+    from matvlm.eval.runner import evaluate, guess_template, read_model_info
+    from matvlm.io import load_vlm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_vlm(model_dir, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        loaded = load_records(data, skip_bad=skip_bad)
+        records, problems = loaded if skip_bad else (loaded, [])
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    if limit:
+        records = records[:limit]
+    template = template or read_model_info(model_dir).get("template") or guess_template(tokenizer)
+    folders = images or [data.parent / "images"]
+    try:
+        results = evaluate(model, tokenizer, image_processor, records, folders, template,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, skip_bad=skip_bad, source=data)
+    except (BadRecordError, DataError) as err:
+        fail(str(err))
+    results["bad_records"] = [str(p) for p in problems] + results["bad_records"]
+    results.update(model=str(model_dir), data=str(data), device=device, template=template)
+    out = out or model_dir / f"eval-{data.stem}.json"
+    write_json_atomic(out, results)
+    console.print(results_table(results, title=f"{model_dir.name} on {data.name}"))
+    console.print(f"{results['tokens_per_second']:.0f} generated tokens/s on {device}; "
+                  f"{len(results['bad_records'])} bad records skipped; results in {out}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output directory."),

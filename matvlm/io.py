@@ -43,9 +43,17 @@ def read_model_type(path: str | Path) -> str:
 
 
 def load_vlm(path: str | Path, dtype=None, device: str | None = None) -> PreTrainedModel:
-    """Load a Llava teacher or a matvlm hybrid from a local directory (no remote code, ever)."""
+    """Load a Llava teacher or a matvlm hybrid from a local directory (no remote code, ever).
+
+    Default dtype: float32 on the CPU, bfloat16 on a GPU, whatever the checkpoint was saved in.
+    """
     read_model_type(path)
+    import torch
+
     import matvlm  # noqa: F401  (registers the "matvlm" model type)
+
+    if dtype is None:
+        dtype = torch.float32 if device in (None, "cpu") else torch.bfloat16
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     if device is not None:

@@ -1,0 +1,233 @@
+"""Train a small LLaVA teacher from scratch on a LLaVA-format data set (the synthetic world by default).
+
+The result is a standard transformers Llava checkpoint plus tokenizer and processor, loadable by stock
+transformers: SigLIP-style vision encoder, two-layer MLP connector, Phi-style LM with partial rotary
+(or a Llama-style LM with GQA), trained with next-token CE on answer tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
+
+from .data.llava import SupervisedDataset, build_image_processor, collate, load_records
+from .data.tokenizer import train_tokenizer
+from .eval.report import write_json_atomic
+from .eval.runner import MODEL_INFO_FILE, evaluate
+from .io import atomic_directory
+from .training import (
+    EpochOrder,
+    adamw_param_groups,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+@dataclass
+class TeacherConfig:
+    data: str  # world directory: train.json, test.json, images/
+    out: str
+    family: str = "phi"  # phi | llama
+    template: str = "phi"
+    vocab_size: int = 2048
+    image_size: int = 128
+    patch_size: int = 16
+    vision_hidden: int = 192
+    vision_layers: int = 5  # features come from the second-to-last layer, as in TinyLLaVA
+    vision_heads: int = 4
+    hidden: int = 192
+    layers: int = 8
+    heads: int = 6
+    kv_heads: int = 0  # 0: same as heads (phi) / heads // 3 (llama)
+    intermediate: int = 768
+    max_length: int = 2048
+    batch_size: int = 64
+    steps: int = 4000
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.03
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    eval_records: int = 1024  # periodic evaluation on the first N held-out records
+    final_eval_records: int = 0  # final evaluation on the first N (0: all)
+    save_every: int = 500
+    num_workers: int = 8
+    seed: int = 0
+    bf16: bool = True
+    save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
+
+
+class _ResumableBatches(Sampler[list[int]]):
+    def __init__(self, order: EpochOrder, start: int, stop: int):
+        self.order, self.start, self.stop = order, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for number, batch in self.order.iterate(self.start):
+            if number >= self.stop:
+                return
+            yield batch
+
+
+def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneration:
+    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
+        tie_word_embeddings=False, **special,
+    )
+    if cfg.family == "phi":
+        text = PhiConfig(**text_kwargs, num_key_value_heads=cfg.kv_heads or cfg.heads, partial_rotary_factor=0.5,
+                         resid_pdrop=0.0, embd_pdrop=0.0)
+    elif cfg.family == "llama":
+        text = LlamaConfig(**text_kwargs, num_key_value_heads=cfg.kv_heads or max(1, cfg.heads // 3))
+    else:
+        raise ValueError(f"unknown teacher family {cfg.family!r}; choose phi or llama")
+    vision = SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size, vision_use_head=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_feature_layer=-2, projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def conversation_texts(records: list[dict]):
+    for record in records:
+        for turn in record["conversations"]:
+            yield turn["value"].replace("<image>", "")
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
+    """Train (or resume) a teacher; returns the final held-out results. Writes cfg.out atomically at the end.
+
+    `stop_at` ends the run after that step with a checkpoint and returns None, as an interruption would.
+    """
+    data, out = Path(cfg.data), Path(cfg.out)
+    run_dir = out.with_name(out.name + ".run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_records = load_records(data / "train.json")
+    test_records = load_records(data / "test.json")
+    images = [data / "images"]
+
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template)
+        tokenizer.save_pretrained(tok_dir)
+    image_processor = build_image_processor(cfg.image_size)
+    model = build_teacher(cfg, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    dataset = SupervisedDataset(
+        train_records, images, tokenizer, image_processor, cfg.template,
+        num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
+    )
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    start, history = 0, []
+    checkpoints = list_checkpoints(run_dir)
+    if resume and checkpoints:
+        tensors, state, meta = load_checkpoint(checkpoints[-1])
+        model.load_state_dict(tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, history = meta["step"], meta["history"]
+        print(f"resuming from {checkpoints[-1]} at step {start}")
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
+    loader = DataLoader(
+        dataset, batch_sampler=_ResumableBatches(order, start, cfg.steps),
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    eval_subset = test_records[: cfg.eval_records]
+    log_path = run_dir / "log.csv"
+    bar = tqdm(total=cfg.steps, initial=start, desc="teacher", disable=not progress)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    step, tokens, began = start, 0, time.perf_counter()
+    model.train()
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+        pixels = batch["pixel_values"].to(device, non_blocking=True) if batch["pixel_values"] is not None else None
+        with autocast:
+            loss = model(**inputs, pixel_values=pixels, use_cache=False).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        batch_tokens = int(inputs["attention_mask"].sum())
+        tokens += batch_tokens
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+        history.append([step, loss_value, float(grad_norm), batch_tokens])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
+            bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
+                f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
+            model.train()
+        if stop_at is not None and step >= stop_at:
+            save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
+            bar.close()
+            return None
+    bar.close()
+    train_seconds = time.perf_counter() - began
+
+    model.eval()
+    final_records = test_records[: cfg.final_eval_records] if cfg.final_eval_records else test_records
+    results = evaluate(model, tokenizer, image_processor, final_records, images, cfg.template, batch_size=128, progress=progress)
+    world = json.loads((data / "world.json").read_text()) if (data / "world.json").exists() else {}
+    info = {
+        "template": cfg.template,
+        "parameters": n_params,
+        "train_steps": cfg.steps,
+        "train_tokens": sum(row[3] for row in history),
+        "world": {k: world.get(k) for k in ("generator_version", "seed", "image_size", "counts")},
+        "config": asdict(cfg),
+    }
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.to(getattr(torch, cfg.save_dtype)).save_pretrained(tmp)
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+            vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
+        )
+        processor.save_pretrained(tmp)
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        summary = {k: v for k, v in results.items() if k != "records"}
+        summary.update(train_seconds=train_seconds, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+        write_json_atomic(tmp / "heldout_scores.json", summary)
+    return results

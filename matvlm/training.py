@@ -1,0 +1,160 @@
+"""Pieces shared by the teacher trainer and the distillation trainer.
+
+Learning-rate schedules, AdamW parameter groups, a resumable batch order and atomic checkpoints. A run
+stopped and resumed from its last checkpoint continues with the same batches, the same optimizer state
+and the same random state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data.llava import LengthGroupedSampler
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Parameters that never get weight decay besides 1-D tensors (Mamba-2 convention).
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.1, decay: float = 0.1, shape: str = "wsd") -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`.
+
+    wsd: linear warmup over the first `warmup` fraction, constant, then linear decay to 0 over the last
+    `decay` fraction. cosine: warmup, then cosine decay to 10% of peak.
+    """
+    warm_steps = max(1, int(round(warmup * total)))
+    if step < warm_steps:
+        return (step + 1) / warm_steps
+    if shape == "wsd":
+        decay_steps = max(1, int(round(decay * total)))
+        start = total - decay_steps
+        return 1.0 if step < start else max(0.0, (total - step) / decay_steps)
+    if shape == "cosine":
+        progress = min(1.0, (step - warm_steps) / max(1, total - warm_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {shape!r}; choose wsd or cosine")
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed (matrices) and not decayed (1-D, A_log, D, dt_bias)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EpochOrder:
+    """Deterministic batch order over epochs that can resume from any batch.
+
+    Batch k of a run is always the same list of indices for the same (lengths, batch_size, seed), so a
+    resumed run sees exactly the batches an uninterrupted one would. Within an epoch the order is the
+    length-grouped shuffle of `LengthGroupedSampler` (similar lengths share a batch: less padding).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        if len(lengths) < batch_size:
+            raise ValueError(f"{len(lengths)} records are fewer than one batch of {batch_size}")
+        self.sampler = LengthGroupedSampler(lengths, batch_size, seed=seed)
+        self.batch_size = batch_size
+        self.batches_per_epoch = len(lengths) // batch_size  # the last partial batch is dropped
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = self.sampler.indices()
+        b = self.batch_size
+        return [order[i * b : (i + 1) * b] for i in range(self.batches_per_epoch)]
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """Yields (global batch number, indices) forever, starting at `start_batch`."""
+        epoch, offset = divmod(start_batch, self.batches_per_epoch)
+        while True:
+            for k, batch in enumerate(self.epoch_batches(epoch)[offset:], start=offset):
+                yield epoch * self.batches_per_epoch + k, batch
+            epoch, offset = epoch + 1, 0
+
+
+def rng_state() -> dict:
+    """All random states as tensors and plain Python values, so `torch.load(weights_only=True)` reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    keep: int = 2,
+) -> Path:
+    """Write `run_dir/checkpoint-<step>` atomically: a temp folder renamed into place when complete.
+
+    `trainable` holds the tensors that change during training (safetensors); the optimizer and RNG
+    states go to a torch file; `meta` (JSON) holds the step, losses so far and anything else to resume.
+    Older checkpoints beyond `keep` are removed only after the new one is in place.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = run_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """-> (trainable tensors, optimizer+rng state, meta). Raises a clear error for a damaged checkpoint."""
+    path = Path(path)
+    try:
+        tensors = load_file(path / "trainable.safetensors")
+        state = torch.load(path / "state.pt", weights_only=True)  # a checkpoint is data, never code
+        meta = json.loads((path / "meta.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
+        raise RuntimeError(f"checkpoint {path} is damaged or incomplete ({type(err).__name__}: {err}); "
+                           "delete it to resume from the one before") from err
+    return tensors, state, meta
+
