@@ -48,6 +48,7 @@ class TeacherConfig:
     vision_hidden: int = 192
     vision_layers: int = 5  # features come from the second-to-last layer, as in TinyLLaVA
     vision_heads: int = 4
+    vision_feature_layer: int = -2
     hidden: int = 192
     layers: int = 8
     heads: int = 6
@@ -105,7 +106,7 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2, vision_feature_select_strategy="full",
-        vision_feature_layer=-2, projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision_feature_layer, projector_hidden_act="gelu",
     )
     torch.manual_seed(cfg.seed)
     return LlavaForConditionalGeneration(config)

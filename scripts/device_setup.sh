@@ -1,6 +1,7 @@
 # Source on the GPU machine: installs the carried wheels (.gpu-wheels) and puts matvlm on the path.
 set -e
+rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/transformers-*.whl \
-  .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl .gpu-wheels/huggingface_hub-*.whl 2>&1 | grep -v WARNING || true
+  .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl 2>&1 | grep -v WARNING || true
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, torch.cuda.get_device_name())"

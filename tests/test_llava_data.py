@@ -511,3 +511,19 @@ def test_length_grouped_sampler():
     random_order = torch.randperm(203, generator=torch.Generator().manual_seed(0)).tolist()
     assert padding(order) < padding(random_order) / 4
     assert list(LengthGroupedSampler([], 4)) == []
+
+
+def test_fast_pixel_path_matches_the_processor():
+    import numpy as np
+    from PIL import Image
+
+    from matvlm.data.llava import _pixel_values_fast, build_image_processor
+
+    processor = build_image_processor(48)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    fast = _pixel_values_fast(processor, image)
+    reference = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert fast is not None and fast.shape == reference.shape == (3, 48, 48)
+    assert torch.allclose(fast, reference, atol=1e-6)
+    assert _pixel_values_fast(processor, image.resize((40, 40))) is None  # other sizes: the processor runs

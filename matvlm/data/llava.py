@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
@@ -143,8 +144,30 @@ def _expand_image(
 
 
 def _pixel_values(image_processor, image: Image.Image) -> torch.Tensor:
+    fast = _pixel_values_fast(image_processor, image)
+    if fast is not None:
+        return fast
     out = image_processor(images=image, return_tensors="pt")["pixel_values"]
     return out[0]
+
+
+def _pixel_values_fast(image_processor, image: Image.Image) -> torch.Tensor | None:
+    """SigLIP-style processing (resize to a square, rescale, normalise) of an RGB image that already has
+    the target size: the same numbers as the processor, about ten times faster (the data loader's hot path).
+    Returns None when the generic processor must run."""
+    if not type(image_processor).__name__.startswith("SiglipImageProcessor") or image.mode != "RGB":
+        return None
+    size = image_processor.size
+    if image.size != (size.get("width"), size.get("height")):
+        return None
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    if image_processor.do_rescale:
+        x = x * image_processor.rescale_factor
+    if image_processor.do_normalize:
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+        x = (x - mean) / std
+    return x
 
 
 # --------------------------------------------------------------------------- dataset
