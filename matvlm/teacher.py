@@ -27,6 +27,7 @@ from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
 from .training import (
     EpochOrder,
+    micro_batches,
     adamw_param_groups,
     list_checkpoints,
     load_checkpoint,
@@ -55,6 +56,7 @@ class TeacherConfig:
     kv_heads: int = 0  # 0: same as heads (phi) / heads // 3 (llama)
     intermediate: int = 768
     max_length: int = 2048
+    max_batch_tokens: int = 65536  # padded tokens per forward pass; longer batches are split (same gradient)
     batch_size: int = 64
     steps: int = 4000
     lr: float = 1e-3
@@ -175,16 +177,20 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     for batch in loader:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
-        pixels = batch["pixel_values"].to(device, non_blocking=True) if batch["pixel_values"] is not None else None
-        with autocast:
-            loss = model(**inputs, pixel_values=pixels, use_cache=False).loss
-        loss.backward()
+        # Mean CE over every answer token of the whole batch, however it is split into micro-batches.
+        num_targets = int((batch["labels"][:, 1:] != -100).sum())
+        loss = torch.zeros((), device=device)
+        for chunk in micro_batches(batch, cfg.max_batch_tokens):
+            chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
+            with autocast:
+                part = model(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
+            part.backward()
+            loss += part.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        batch_tokens = int(inputs["attention_mask"].sum())
+        batch_tokens = int(batch["attention_mask"].sum())
         tokens += batch_tokens
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):

@@ -33,6 +33,8 @@ def lr_factor(step: int, total: int, warmup: float = 0.1, decay: float = 0.1, sh
     wsd: linear warmup over the first `warmup` fraction, constant, then linear decay to 0 over the last
     `decay` fraction. cosine: warmup, then cosine decay to 10% of peak.
     """
+    if shape not in ("wsd", "cosine"):
+        raise ValueError(f"unknown schedule {shape!r}; choose wsd or cosine")
     warm_steps = max(1, int(round(warmup * total)))
     if step < warm_steps:
         return (step + 1) / warm_steps
@@ -40,10 +42,8 @@ def lr_factor(step: int, total: int, warmup: float = 0.1, decay: float = 0.1, sh
         decay_steps = max(1, int(round(decay * total)))
         start = total - decay_steps
         return 1.0 if step < start else max(0.0, (total - step) / decay_steps)
-    if shape == "cosine":
-        progress = min(1.0, (step - warm_steps) / max(1, total - warm_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {shape!r}; choose wsd or cosine")
+    progress = min(1.0, (step - warm_steps) / max(1, total - warm_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -87,6 +87,29 @@ class EpochOrder:
             for k, batch in enumerate(self.epoch_batches(epoch)[offset:], start=offset):
                 yield epoch * self.batches_per_epoch + k, batch
             epoch, offset = epoch + 1, 0
+
+
+def micro_batches(batch: dict, max_tokens: int) -> list[dict]:
+    """Split a right-padded collated batch into row chunks of at most `max_tokens` padded tokens each.
+
+    Each chunk is trimmed to its own longest row. Short batches stay whole; a batch of long records is
+    split instead of running out of memory. Rows with images keep their own pixel_values.
+    """
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    image_index = torch.cumsum(batch["has_image"].long(), 0) - 1
+    chunks, start = [], 0
+    while start < len(lengths):
+        stop = start + 1
+        while stop < len(lengths) and (stop + 1 - start) * max(lengths[start : stop + 1]) <= max_tokens:
+            stop += 1
+        width = max(lengths[start:stop])
+        chunk = {k: batch[k][start:stop, :width] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        rows = batch["has_image"][start:stop]
+        pixels = batch["pixel_values"]
+        chunk["pixel_values"] = pixels[image_index[start:stop][rows]] if pixels is not None and rows.any() else None
+        chunks.append(chunk)
+        start = stop
+    return chunks
 
 
 def rng_state() -> dict:

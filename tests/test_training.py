@@ -1,0 +1,107 @@
+"""Shared training pieces: schedules, parameter groups, resumable order, micro-batches, checkpoints."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from matvlm.tiny import tiny_llava
+from matvlm.training import (
+    EpochOrder,
+    adamw_param_groups,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
+    micro_batches,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def test_wsd_schedule_shape():
+    f = [lr_factor(s, 100, warmup=0.1, decay=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in f[10:90])
+    assert f[90] == pytest.approx(1.0) and f[99] == pytest.approx(0.1) and f[95] < f[90]
+    cos = [lr_factor(s, 100, warmup=0.1, shape="cosine") for s in range(100)]
+    assert cos[10] == pytest.approx(1.0) and cos[-1] >= 0.1 and cos[-1] < 0.11
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(0, 10, shape="step")
+
+
+def test_no_weight_decay_on_vectors_and_ssm_parameters():
+    import matvlm
+
+    hybrid = matvlm.to_hybrid(tiny_llava("phi"), mamba_layers=[1])
+    decay, no_decay = adamw_param_groups(hybrid, 0.01)
+    names = {id(p): n for n, p in hybrid.named_parameters()}
+    no_decay_names = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    assert {"A_log", "D", "dt_bias", "bias"} <= no_decay_names
+    assert all(p.ndim == 2 or p.ndim > 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+def test_epoch_order_resumes_at_any_batch():
+    order = EpochOrder([random.Random(i).randint(5, 50) for i in range(37)], batch_size=4, seed=3)
+    it = order.iterate()
+    first = [next(it) for _ in range(25)]
+    it = order.iterate(start_batch=11)
+    assert [next(it) for _ in range(14)] == first[11:]
+    epoch0 = sorted(i for _, b in first[:9] for i in b)
+    assert len(epoch0) == 36 and len(set(epoch0)) == 36  # one epoch: every index at most once
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochOrder([1, 2], batch_size=4, seed=0)
+
+
+def test_micro_batches_give_the_same_gradient():
+    model = tiny_llava("phi").train()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    rows, width = 5, 40
+    lengths = [40, 35, 20, 20, 18]
+    has_image = torch.tensor([True, False, True, True, False])
+    input_ids = torch.randint(3, 100, (rows, width), generator=gen)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+        if has_image[r]:
+            input_ids[r, 1 : 1 + cfg.image_seq_length] = cfg.image_token_index
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, : 1 + cfg.image_seq_length] = -100
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "has_image": has_image,
+             "pixel_values": torch.randn(3, 3, 32, 32, generator=gen)}
+    n_targets = int((labels[:, 1:] != -100).sum())
+
+    def grads(max_tokens):
+        model.zero_grad()
+        chunks = micro_batches(batch, max_tokens)
+        for chunk in chunks:
+            model(**chunk, use_cache=False, num_items_in_batch=n_targets).loss.backward()
+        return len(chunks), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    n_whole, whole = grads(10_000)
+    n_split, split = grads(45)
+    assert n_whole == 1 and n_split >= 3
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_round_trip_and_rotation(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        path = save_checkpoint(tmp_path, step, dict(model.state_dict()), opt, {"history": [step]}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    tensors, state, meta = load_checkpoint(path)
+    assert meta == {"step": 3, "history": [3]}
+    assert torch.equal(tensors["weight"], model.weight.detach())
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    set_rng_state(state["rng"])
+    # the RNG state saved at step 3 was taken before `expected` was drawn
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
