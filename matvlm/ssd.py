@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 Tensor = torch.Tensor
 
 
@@ -160,7 +162,15 @@ def ssd_scan(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Scan a whole sequence; returns (y, final_state). Picks the backend for the tensors' device."""
+    """Scan a whole sequence; returns (y, final_state in float32). Picks the backend for the device."""
+    if kernels.scan_backend(x.device.type) == "mamba_ssm":
+        scan = kernels.mamba_chunk_scan()
+        init = initial_state.float() if initial_state is not None else None
+        y, final_state = scan(
+            x, dt, A.float(), B.to(x.dtype), C.to(x.dtype), chunk_size,
+            D=D.float() if D is not None else None, initial_states=init, return_final_states=True,
+        )
+        return y, final_state
     return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
 

@@ -86,3 +86,14 @@ def test_heads_must_be_multiple_of_groups():
     x, dt, A, B, C, D = random_inputs(1, 4, 3, 2, 2, 2)
     with pytest.raises(ValueError, match="multiple of the number of groups"):
         ssd_chunked_torch(x, dt, A, B, C, 4)
+
+
+def test_backend_choice(monkeypatch):
+    from matvlm import kernels
+
+    assert kernels.scan_backend("cpu") == "torch"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "mamba_ssm")
+    assert kernels.scan_backend("cpu") == "torch"  # CPU tensors never reach a GPU kernel
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton-magic")
+    with pytest.raises(ValueError, match="choose auto, torch or mamba_ssm"):
+        kernels.scan_backend("cuda")
