@@ -19,7 +19,8 @@ def need_cuda_and_kernels():
     os.environ.pop(kernels.BACKEND_ENV)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+# float32 inputs still run Triton dots in tf32: measured 3e-5 on y, up to 3.3e-3 on the gradients of dt, A, B, C.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", [(2, 300, 32, 32, 80, 80, 256), (1, 777, 8, 2, 64, 128, 256), (3, 100, 4, 4, 80, 80, 64)])
 def test_kernel_matches_recurrence(shape, dtype, tol):
     import sys
