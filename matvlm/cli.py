@@ -216,7 +216,6 @@ def demo(
     """Offline demo on a small built-in teacher: build it, convert it, and compare generation."""
     import torch
 
-    import matvlm
     from matvlm.io import load_vlm
     from matvlm.tiny import tiny_llava
 

@@ -23,6 +23,17 @@ from . import ssd
 from .config import MixerSettings
 
 
+def initial_ssm_values(s: MixerSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's init: dt ~ logU(dt_min, dt_max) stored as softplus^-1 (dt_bias), A ~ U(A_init_range)
+    stored as log (A_log). D starts at 1."""
+    dt = torch.exp(
+        torch.rand(s.num_heads) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min)
+    ).clamp(min=s.dt_init_floor)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    A_log = torch.log(torch.empty(s.num_heads).uniform_(*s.A_init_range))
+    return dt_bias, A_log
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of y * silu(z), per group of `group_size` channels (Mamba-2's norm_before_gate=False)."""
 
@@ -75,17 +86,11 @@ class Mamba2Mixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """dt ~ logU(dt_min, dt_max) stored as softplus^-1, A ~ U(A_init_range) stored as log, D = 1."""
-        s = self.settings
-        device = self.dt_bias.device
-        if device.type == "meta":
+        if self.dt_bias.device.type == "meta":
             return
-        dt = torch.exp(
-            torch.rand(self.num_heads, device=device) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min)
-        ).clamp(min=s.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        lo, hi = s.A_init_range
-        self.A_log.copy_(torch.log(torch.empty(self.num_heads, device=device).uniform_(lo, hi)))
+        dt_bias, A_log = initial_ssm_values(self.settings)
+        self.dt_bias.copy_(dt_bias)
+        self.A_log.copy_(A_log)
         self.D.fill_(1.0)
 
     def split_in_proj(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ gradient checkpointing and the Auto classes work as for any Llava. transformers'
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -20,7 +19,7 @@ from transformers import (
 from transformers import initialization as init
 
 from .config import MaTVLMConfig
-from .mixer import Mamba2Mixer
+from .mixer import Mamba2Mixer, initial_ssm_values
 
 
 class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
@@ -46,13 +45,9 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
         super()._init_weights(module)
         if isinstance(module, Mamba2Mixer):
             # Only parameters not loaded from a checkpoint reach here (transformers' init guards).
-            s = module.settings
-            dt = torch.exp(
-                torch.rand(module.num_heads) * (torch.log(torch.tensor(s.dt_max)) - torch.log(torch.tensor(s.dt_min)))
-                + torch.log(torch.tensor(s.dt_min))
-            ).clamp(min=s.dt_init_floor)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-            init.copy_(module.A_log, torch.log(torch.empty(module.num_heads).uniform_(*s.A_init_range)))
+            dt_bias, A_log = initial_ssm_values(module.settings)
+            init.copy_(module.dt_bias, dt_bias)
+            init.copy_(module.A_log, A_log)
             init.ones_(module.D)
 
     @property

@@ -192,9 +192,9 @@ def test_gradient_checkpointing_gives_same_gradients(hybrid):
     def grads(checkpointing):
         hybrid.zero_grad()
         if checkpointing:
-            hybrid.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hybrid.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            hybrid.gradient_checkpointing_disable()
+            hybrid.activation_checkpointing_disable()
         hybrid.train()
         loss = hybrid(input_ids=ids, pixel_values=px, labels=labels, use_cache=False).loss
         loss.backward()

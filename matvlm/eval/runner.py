@@ -110,24 +110,11 @@ def generate_answers(
     return run
 
 
-def evaluate(
-    model,
-    tokenizer,
-    image_processor,
-    records: Sequence[dict],
-    image_folders: Sequence[str | Path],
-    template: str,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    skip_bad: bool = False,
-    progress: bool = True,
-    source: str | Path | None = None,
-) -> dict:
-    """Generate and score; returns score_records' result plus throughput and problems."""
-    run = generate_answers(
-        model, tokenizer, image_processor, records, image_folders, template,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, skip_bad=skip_bad, progress=progress, source=source,
-    )
+def evaluate(model, tokenizer, image_processor, records: Sequence[dict], image_folders: Sequence[str | Path],
+             template: str, **generate_kwargs) -> dict:
+    """Generate (see `generate_answers` for the options) and score; returns score_records' result plus
+    throughput and the bad records that were skipped."""
+    run = generate_answers(model, tokenizer, image_processor, records, image_folders, template, **generate_kwargs)
     scored_records = [r for r in records if str(r["id"]) in run.predictions]
     results = score_records(scored_records, run.predictions)
     results["tokens_per_second"] = run.tokens_per_second
