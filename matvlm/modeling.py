@@ -58,7 +58,7 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
         """Mixer modules by decoder layer index."""
         return {i: self.decoder_layers[i].self_attn for i in self.config.mamba_layers}
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, *, inputs_embeds=None, **kwargs):
         # Attention layers get the causal mask that transformers builds; mixers need the 2-D padding mask
         # of the tokens in this call so that left padding stays out of their conv and state.
         if self.config.mamba_layers and attention_mask is not None and attention_mask.dim() == 2:
