@@ -114,6 +114,20 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
     return LlavaForConditionalGeneration(config)
 
 
+# Options that may change between a run and its resumption; every other one must stay the same.
+RESUMABLE_CHANGES = {"num_workers", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
+
+
+def check_same_run(saved_config: Path, cfg: TeacherConfig) -> None:
+    if not saved_config.exists():
+        return
+    saved = json.loads(saved_config.read_text())
+    changed = sorted(k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {saved_config.parent}: options changed ({details}); use a new --out")
+
+
 def conversation_texts(records: list[dict]):
     for record in records:
         for turn in record["conversations"]:
@@ -153,7 +167,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     start, history = 0, []
     checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
+    if checkpoints and not resume:
+        raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; resume it, or delete that folder to start over")
+    if checkpoints:
+        check_same_run(run_dir / "config.json", cfg)
         tensors, state, meta = load_checkpoint(checkpoints[-1])
         model.load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])

@@ -73,3 +73,13 @@ def test_damaged_checkpoint_is_reported(world, tmp_path):
         load_checkpoint(ckpt)
     with pytest.raises(RuntimeError, match="damaged or incomplete"):
         train_teacher(tiny_cfg(world, out), progress=False)
+
+
+def test_resume_refuses_changed_options_and_fresh_start_over_checkpoints(world, tmp_path):
+    out = tmp_path / "d"
+    train_teacher(tiny_cfg(world, out), progress=False, stop_at=4)
+    with pytest.raises(ValueError, match=r"options changed \(lr: 0.003 -> 0.001\)"):
+        train_teacher(tiny_cfg(world, out, lr=1e-3), progress=False)
+    with pytest.raises(FileExistsError, match="holds checkpoints"):
+        train_teacher(tiny_cfg(world, out), progress=False, resume=False)
+    assert train_teacher(tiny_cfg(world, out, num_workers=0, eval_every=0), progress=False) is not None
