@@ -178,3 +178,18 @@ def test_jinja_rejects_bad_order(tokenizers_by_template):
     tok = tokenizers_by_template["phi"]
     with pytest.raises(Exception, match="alternate"):
         tok.apply_chat_template(chat("a", "b")[::-1], tokenize=False)
+
+
+def test_phi_short_has_no_system_prompt():
+    from matvlm.data.templates import get_template
+
+    t = get_template("phi_short")
+    msgs = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"}]
+    assert t.render(msgs) == "USER: <image>\nWhat color? ASSISTANT: red<|endoftext|>"
+    assert [text for text, supervised in t.segments(msgs) if supervised] == [" red<|endoftext|>"]
+    from matvlm.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["What color? red", "hello"] * 5, vocab_size=300, template="phi_short")
+    msgs = msgs + [{"role": "user", "content": "And?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == t.render(
+        msgs, add_generation_prompt=True)

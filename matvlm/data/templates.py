@@ -275,6 +275,12 @@ def _two_sep(name: str, system: str, end: str) -> ChatTemplate:
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "phi": _two_sep("phi", _USER_SYSTEM, "<|endoftext|>"),
+    # phi without the system prompt: for teachers trained from scratch, where a long constant prefix
+    # delays learning (benchmarks/teacher_runs.md). Real TinyLLaVA checkpoints use "phi".
+    "phi_short": ChatTemplate(
+        name="phi_short", system="", system_sep="", user_prefix="USER: ", user_suffix=" ",
+        assistant_prompt="ASSISTANT:", answer_prefix=" ", end="<|endoftext|>", eos_token="<|endoftext|>",
+    ),
     "vicuna_v1": _two_sep("vicuna_v1", _USER_SYSTEM, "</s>"),
     "llava_v1": _two_sep("llava_v1", _HUMAN_SYSTEM, "</s>"),
     "plain": ChatTemplate(
