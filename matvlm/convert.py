@@ -171,11 +171,10 @@ def to_hybrid(
     param = next(teacher.parameters())
     student = MaTVLMForConditionalGeneration._from_config(config, dtype=param.dtype).to(param.device)
 
-    skip = tuple(f"model.language_model.layers.{i}.self_attn." for i in layers)
-    teacher_state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(skip)}
+    mixer_prefixes = tuple(f"model.language_model.layers.{i}.self_attn." for i in layers)
+    teacher_state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(mixer_prefixes)}
     missing, unexpected = student.load_state_dict(teacher_state, strict=False)
-    mixer_prefix = skip
-    missing = [k for k in missing if not k.startswith(mixer_prefix)]
+    missing = [k for k in missing if not k.startswith(mixer_prefixes)]
     if missing or unexpected:
         raise RuntimeError(f"teacher and hybrid disagree: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for i, mixer in student.mixers().items():

@@ -209,13 +209,14 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         step += 1
         batch_tokens = int(batch["attention_mask"].sum())
         tokens += batch_tokens
-        loss_value = float(loss.detach())
+        loss_value = float(loss)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
         history.append([step, loss_value, float(grad_norm), batch_tokens])
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        stopping = stop_at is not None and step >= stop_at
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
             save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
@@ -224,8 +225,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
             bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
                 f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
             model.train()
-        if stop_at is not None and step >= stop_at:
-            save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
+        if stopping:
             bar.close()
             return None
     bar.close()
