@@ -159,6 +159,76 @@ def teacher(
     console.print(results_table(results, title=f"teacher held-out scores ({out})"))
 
 
+@app.command("import-tinyllava")
+def import_tinyllava_command(
+    src_dir: Path = typer.Argument(..., help="TinyLLaVA_Factory checkpoint directory (config.json with model_type 'tinyllava')."),
+    out_dir: Path = typer.Argument(..., help="Where to write the HF Llava-format checkpoint."),
+    dtype: str = typer.Option("auto", help="auto (keep the checkpoint's) | float32 | bfloat16 | float16"),
+    template: str = typer.Option(None, help="Chat template (default: from the checkpoint; phi -> phi, llama -> vicuna_v1)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Convert a TinyLLaVA checkpoint into an HF Llava-format one (Phi's lm_head bias kept: model type 'matvlm')."""
+    from matvlm.tinyllava import import_tinyllava
+
+    try:
+        summary = import_tinyllava(src_dir, out_dir, dtype=dtype, template=template, overwrite=overwrite)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
+    console.print(summary.describe(), markup=False, highlight=False)
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(None, help="Teacher directory (HF Llava format)."),
+    out: Path = typer.Option(None, help="Output hybrid directory (the run itself lives in OUT.run/)."),
+    data: Path = typer.Option(None, help="Training records (LLaVA JSON)."),
+    images: list[Path] = typer.Option(None, help="Image folder(s); default: images/ next to the JSON."),
+    config: Path = typer.Option(None, help="JSON file of DistillConfig fields; options given here override it."),
+    student: Path = typer.Option(None, help="An already converted hybrid (else the teacher is converted here)."),
+    ratio: float = typer.Option(None, help="Fraction of decoder layers that become mixers (default 0.25)."),
+    placement: str = typer.Option(None, help="even | begin | middle | end"),
+    layers: str = typer.Option(None, help="Explicit mixer layers, e.g. 0,4,8 (instead of ratio/placement)."),
+    alpha_layer: float = typer.Option(None, help="Weight of the layer-wise loss (default 1)."),
+    beta_kl: float = typer.Option(None, help="Weight of the KL loss (default 1)."),
+    gamma_ce: float = typer.Option(None, help="Weight of the CE loss on answer tokens (default 0)."),
+    temperature: float = typer.Option(None, help="KL temperature (default 1)."),
+    steps: int = typer.Option(None, help="Optimizer steps (default: one epoch)."),
+    batch_size: int = typer.Option(None, help="Global batch size (records per step, all processes)."),
+    lr: float = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    max_batch_tokens: int = typer.Option(None, help="Padded tokens per micro-batch per process."),
+    gradient_checkpointing: bool = typer.Option(None, help="Recompute activations in backward (less memory)."),
+    eval_data: Path = typer.Option(None, help="Held-out LLaVA JSON for periodic and final evaluation."),
+    num_workers: int = typer.Option(None, help="Data loader workers."),
+    seed: int = typer.Option(None, help="Seed (conversion and data order)."),
+    resume: bool = typer.Option(False, help="Continue the run in OUT.run/ from its last checkpoint."),
+) -> None:
+    """Distil a hybrid from its teacher in one stage (KL + layer-wise + optional CE); one GPU or many via
+    `accelerate launch -m matvlm.cli distill ...`."""
+    from matvlm.distill import DistillConfig
+    from matvlm.distill import distill as run_distill
+
+    overrides = dict(
+        teacher=teacher and str(teacher), out=out and str(out), data=data and str(data),
+        images=[str(p) for p in images] if images else None, student=student and str(student), ratio=ratio,
+        placement=placement, mamba_layers=parse_layers(layers) if layers else None, alpha_layer=alpha_layer,
+        beta_kl=beta_kl, gamma_ce=gamma_ce, temperature=temperature, steps=steps, batch_size=batch_size, lr=lr,
+        max_batch_tokens=max_batch_tokens, gradient_checkpointing=gradient_checkpointing,
+        eval_data=eval_data and str(eval_data), num_workers=num_workers, seed=seed,
+    )
+    try:
+        cfg = DistillConfig.from_file(config, **overrides)
+        if cfg.data and not cfg.images:
+            cfg.images = [str(Path(cfg.data).parent / "images")]
+        summary = run_distill(cfg, resume=resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        fail(str(err))
+    console.print(f"distilled {summary['steps']} steps in {summary['train_seconds']:.0f} s; hybrid in {cfg.out}")
+    if "heldout" in summary:
+        from matvlm.eval.report import results_table
+
+        console.print(results_table(summary["heldout"], title="hybrid held-out scores"))
+
+
 @app.command("eval")
 def eval_command(
     model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),

@@ -31,8 +31,8 @@ def read_model_type(path: str | Path) -> str:
     model_type = config.get("model_type")
     if model_type == "tinyllava":
         raise ValueError(
-            f"{path} is a TinyLLaVA-format checkpoint; convert it to the HF Llava format first "
-            "(`matvlm import-tinyllava`, not available in this version yet)"
+            f"{path} is a TinyLLaVA-format checkpoint; convert it to the HF Llava format first: "
+            f"`matvlm import-tinyllava {path} OUT_DIR`"
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
@@ -27,6 +27,7 @@ from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
 from .training import (
     EpochOrder,
+    ResumableBatches,
     micro_batches,
     adamw_param_groups,
     list_checkpoints,
@@ -71,20 +72,6 @@ class TeacherConfig:
     seed: int = 0
     bf16: bool = True
     save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
-
-
-class _ResumableBatches(Sampler[list[int]]):
-    def __init__(self, order: EpochOrder, start: int, stop: int):
-        self.order, self.start, self.stop = order, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        for number, batch in self.order.iterate(self.start):
-            if number >= self.stop:
-                return
-            yield batch
 
 
 def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneration:
@@ -181,7 +168,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     loader = DataLoader(
-        dataset, batch_sampler=_ResumableBatches(order, start, cfg.steps),
+        dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import Sampler
 
 from .data.llava import LengthGroupedSampler
 
@@ -87,6 +88,26 @@ class EpochOrder:
             for k, batch in enumerate(self.epoch_batches(epoch)[offset:], start=offset):
                 yield epoch * self.batches_per_epoch + k, batch
             epoch, offset = epoch + 1, 0
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """Batches `start` .. `stop - 1` of an `EpochOrder`; with several processes, each takes its share
+    (rank k of n gets rows k, k + n, ...) of the same global batch."""
+
+    def __init__(self, order: EpochOrder, start: int, stop: int, rank: int = 0, world_size: int = 1):
+        if order.batch_size % world_size:
+            raise ValueError(f"batch size {order.batch_size} is not a multiple of the {world_size} processes")
+        self.order, self.start, self.stop = order, start, stop
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for number, batch in self.order.iterate(self.start):
+            if number >= self.stop:
+                return
+            yield batch[self.rank :: self.world_size]
 
 
 def micro_batches(batch: dict, max_tokens: int) -> list[dict]:

@@ -1,0 +1,360 @@
+"""`matvlm distill`: single-stage distillation of a hybrid from its teacher, on one process or many.
+
+One GPU or several through `accelerate launch` (DDP: the frozen model is replicated per process, each
+process takes its share of every global batch). A run lives in `OUT.run/` (resolved config, checkpoints,
+log.csv, TensorBoard events when tensorboard is installed); `--resume` continues it exactly. The final
+hybrid, a checkpoint the model class loads, is written atomically to OUT with the teacher's processor.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..convert import to_hybrid
+from ..data.llava import SupervisedDataset, collate, load_records
+from ..eval.report import write_json_atomic
+from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_info
+from ..io import atomic_directory, copy_side_files, load_vlm
+from ..training import (
+    EpochOrder,
+    ResumableBatches,
+    adamw_param_groups,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
+    micro_batches,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distiller import Distiller, LossSettings
+
+LOG_COLUMNS = ["step", "loss", "layer", "kl", "ce", "grad_norm", "lr", "tokens", "seconds"]
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    out: str = ""
+    data: str = ""  # LLaVA JSON (train)
+    images: list[str] = field(default_factory=list)  # image folders, searched in order
+    student: str = ""  # an already converted hybrid; else the teacher is converted here
+    ratio: float = 0.25
+    placement: str = "even"
+    mamba_layers: list[int] = field(default_factory=list)  # explicit layers instead of ratio/placement
+    attn_bias: bool = False
+    conv_init: str = "random"
+    random_init: bool = False  # ablation: mixers not initialised from attention
+    template: str = ""  # default: the teacher's (matvlm.json), else guessed from its tokenizer
+    # losses
+    alpha_layer: float = 1.0
+    beta_kl: float = 1.0
+    gamma_ce: float = 0.0
+    temperature: float = 1.0
+    layer_loss: str = "mse"
+    kl_positions: str = "all"
+    normalize: str = "token"
+    train_connector: bool = True
+    # optimisation
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    schedule: str = "wsd"
+    warmup: float = 0.1
+    decay: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 64  # global: over all processes and micro-batches
+    max_batch_tokens: int = 16384  # padded tokens per micro-batch per process; bigger batches are split
+    steps: int = 0  # 0: one epoch
+    epochs: float = 1.0
+    max_length: int = 2048
+    bf16: bool = True  # autocast on the GPU; frozen weights in bf16 there
+    gradient_checkpointing: bool = False
+    num_workers: int = 4
+    seed: int = 0
+    save_every: int = 200
+    eval_data: str = ""  # held-out LLaVA JSON for periodic and final evaluation
+    eval_every: int = 0
+    eval_records: int = 512
+    save_dtype: str = "auto"  # auto: the teacher's dtype
+
+    def loss_settings(self) -> LossSettings:
+        names = {f.name for f in fields(LossSettings)}
+        return LossSettings(**{k: v for k, v in asdict(self).items() if k in names})
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "DistillConfig":
+        """Defaults < the JSON file < overrides that are not None. Unknown keys are an error."""
+        values: dict = {}
+        if path:
+            path = Path(path)
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read config file {path}: {err}") from err
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown options {', '.join(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("images"), str):
+            values["images"] = [values["images"]]
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+# Options that may change when a run resumes; every other one must match the saved config.
+RESUMABLE_CHANGES = {"num_workers", "save_every", "eval_every", "eval_records", "eval_data", "out", "data", "images",
+                     "teacher", "student", "max_batch_tokens", "gradient_checkpointing"}
+
+
+def check_same_run(saved_config: Path, cfg: DistillConfig) -> None:
+    if not saved_config.exists():
+        return
+    saved = json.loads(saved_config.read_text())
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
+    changed = sorted(k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {saved_config.parent}: options changed ({details}); use a new --out")
+
+
+def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
+    if cfg.student:
+        student = load_vlm(cfg.student, dtype=next(teacher.parameters()).dtype)
+        return student.to(next(teacher.parameters()).device)
+    student = to_hybrid(
+        teacher, ratio=None if cfg.mamba_layers else cfg.ratio, placement=cfg.placement,
+        mamba_layers=cfg.mamba_layers or None, attn_bias=cfg.attn_bias, conv_init=cfg.conv_init, seed=cfg.seed,
+    )
+    if cfg.random_init:  # ablation: keep the layout, forget the attention weights
+        torch.manual_seed(cfg.seed)
+        for mixer in student.mixers().values():
+            for name, p in mixer.named_parameters():
+                if p.ndim >= 2:
+                    torch.nn.init.normal_(p, std=0.02)
+    return student
+
+
+def _oom_advice(cfg: DistillConfig) -> str:
+    tips = [f"lower --max-batch-tokens (now {cfg.max_batch_tokens})"]
+    if not cfg.gradient_checkpointing:
+        tips.append("turn on --gradient-checkpointing")
+    tips.append(f"or lower --max-length (now {cfg.max_length})")
+    return "out of GPU memory in a distillation step: " + ", ".join(tips) + "; the run can be resumed with --resume"
+
+
+class _Logs:
+    """CSV (always) and TensorBoard (when installed) logs, written by the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = run_dir / "log.csv"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, history: list[list]) -> None:
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([LOG_COLUMNS, *history])
+
+    def scalars(self, row: list) -> None:
+        if self.tb is not None:
+            for name, value in zip(LOG_COLUMNS[1:], row[1:]):
+                self.tb.add_scalar(f"train/{name}", value, row[0])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Run (or resume) a distillation. Returns a summary; `stop_at` ends early with a checkpoint (tests)."""
+    from accelerate import Accelerator
+
+    for name in ("teacher", "out", "data"):
+        if not getattr(cfg, name):
+            raise ValueError(f"--{name} is required")
+    cfg.loss_settings().check()
+    accelerator = Accelerator()
+    device = accelerator.device
+    on_gpu = device.type == "cuda"
+    main = accelerator.is_main_process
+    out = Path(cfg.out)
+    run_dir = out.with_name(out.name + ".run")
+
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and not resume:
+        raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume, or use a new --out")
+    if checkpoints:
+        check_same_run(run_dir / "config.json", cfg)
+
+    dtype = torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32
+    teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(device))
+    student = build_student(cfg, teacher)
+    distiller = Distiller(teacher, student, cfg.loss_settings(), train_connector=cfg.train_connector)
+    del teacher  # what the distiller needs of it is kept inside; the rest is the student's shared copy
+    for module in distiller.trainable_modules():
+        module.float()  # master weights of what trains stay fp32; autocast runs the matmuls in bf16
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    distiller.train()
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(cfg.teacher)
+    tokenizer = processor.tokenizer
+    template = cfg.template or read_model_info(cfg.teacher).get("template") or guess_template(tokenizer)
+    records = load_records(cfg.data)
+    dataset = SupervisedDataset(
+        records, cfg.images, tokenizer, processor.image_processor, template,
+        num_image_tokens=student.config.image_seq_length, max_length=cfg.max_length, source=cfg.data,
+    )
+    order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
+    total_steps = cfg.steps or max(1, int(cfg.epochs * order.batches_per_epoch))
+
+    optimizer = torch.optim.AdamW(
+        adamw_param_groups(distiller, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_gpu
+    )
+    start, history = 0, []
+    if checkpoints:
+        tensors, state, meta = load_checkpoint(checkpoints[-1])
+        trainable = distiller.trainable_state()
+        missing = sorted(set(trainable) - set(tensors))
+        if missing:
+            raise RuntimeError(f"checkpoint {checkpoints[-1]} lacks trained tensors {missing[:4]}; it is from another run")
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(tensors[k])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, history = meta["step"], meta["history"]
+        if main:
+            print(f"resuming {run_dir} from step {start}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    model, optimizer = accelerator.prepare(distiller, optimizer)
+    sampler = ResumableBatches(order, start, total_steps, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        num_workers=cfg.num_workers, pin_memory=on_gpu,
+    )
+    eval_records = load_records(cfg.eval_data)[: cfg.eval_records] if cfg.eval_data else []
+    logs = _Logs(run_dir, enabled=main)
+    bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (progress and main))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.bf16)
+    step, tokens, began = start, 0, time.perf_counter()
+    trained_params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    for batch in loader:
+        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, shape=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Each loss is divided by its count over the whole global batch (all processes, all micro-batches);
+        # DDP averages gradients over processes, so each process scales its sums by the process count.
+        counts = distiller.normalizers(batch["attention_mask"], batch["labels"], batch["input_ids"])
+        counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
+        div = dict(zip(("layer", "kl", "ce"), counts.clamp_min(1).tolist()))
+        weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
+        chunks = micro_batches(batch, cfg.max_batch_tokens)
+        sums = {k: 0.0 for k in div}
+        try:
+            for n, chunk in enumerate(chunks):
+                chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
+                sync = n == len(chunks) - 1
+                with accelerator.no_sync(model) if not sync else nullcontext(), autocast:
+                    parts = model(**chunk)
+                    loss = sum(weights[k] * parts[k] / div[k] for k in parts) * accelerator.num_processes
+                accelerator.backward(loss)
+                for k in parts:
+                    sums[k] += float(parts[k].detach())
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(_oom_advice(cfg)) from err
+        grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in div] + [float(batch["attention_mask"].sum())],
+                                                 device=device, dtype=torch.float64), "sum").tolist()
+        parts_mean = {k: totals[j] / div[k] for j, k in enumerate(div)}
+        loss_value = sum(weights[k] * parts_mean[k] for k in div)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr (now {cfg.lr})")
+        tokens += int(totals[-1])
+        elapsed = time.perf_counter() - began
+        row = [step, loss_value, parts_mean["layer"], parts_mean["kl"], parts_mean["ce"], float(grad_norm), lr,
+               int(totals[-1]), elapsed]
+        history.append(row)
+        logs.scalars(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", layer=f"{parts_mean['layer']:.3g}", kl=f"{parts_mean['kl']:.3g}",
+                        ce=f"{parts_mean['ce']:.3g}", tok_s=f"{tokens / elapsed:,.0f}")
+        stopping = stop_at is not None and step >= stop_at
+        if step % cfg.save_every == 0 or step == total_steps or stopping:
+            if main:
+                save_checkpoint(run_dir, step, distiller.trainable_state(), optimizer, {"history": history})
+                logs.write(history)
+            accelerator.wait_for_everyone()
+        if main and cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < total_steps:
+            res = _evaluate(distiller, processor, eval_records, cfg, template)
+            bar.write(f"step {step}: held-out average {res['average']:.3f}")
+            distiller.train()
+        if stopping:
+            break
+    bar.close()
+    logs.close()
+    summary = {"steps": step, "history": history, "train_seconds": time.perf_counter() - began}
+    if stop_at is not None and step < total_steps:
+        return summary
+
+    if main:
+        distiller.eval()
+        if eval_records:
+            summary["heldout"] = _evaluate(distiller, processor, eval_records, cfg, template)
+        _write_output(cfg, distiller, template, summary, history, run_dir)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _evaluate(distiller: Distiller, processor, records: list[dict], cfg: DistillConfig, template: str) -> dict:
+    distiller.eval()
+    res = evaluate(distiller.student, processor.tokenizer, processor.image_processor, records, cfg.images, template,
+                   batch_size=64, progress=False)
+    return {k: v for k, v in res.items() if k != "records"}
+
+
+def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summary: dict, history: list, run_dir: Path) -> None:
+    student = distiller.student
+    if student.is_activation_checkpointing:
+        student.gradient_checkpointing_disable()
+    teacher_dtype = next(distiller.teacher_attention.parameters()).dtype
+    save_dtype = teacher_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+    info = read_model_info(cfg.teacher)
+    info.update(template=template, distilled_from=str(cfg.teacher), mixer_layers=student.config.mamba_layers,
+                distill_steps=summary["steps"], distill_tokens=sum(int(r[7]) for r in history))
+    with atomic_directory(cfg.out, overwrite=True) as tmp:
+        student.to(save_dtype).save_pretrained(tmp)
+        copy_side_files(cfg.teacher, tmp)
+        (tmp / "heldout_scores.json").unlink(missing_ok=True)  # the teacher's scores, not this model's
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        write_json_atomic(tmp / "distill_summary.json", {k: v for k, v in summary.items() if k != "history"})
+        (tmp / "log.csv").write_text((run_dir / "log.csv").read_text() if (run_dir / "log.csv").exists() else "")
