@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
+from .data.preload import PreloadedDataset
 from .data.llava import SupervisedDataset, build_image_processor, collate, load_records
 from .data.tokenizer import train_tokenizer
 from .eval.report import write_json_atomic
@@ -69,6 +70,7 @@ class TeacherConfig:
     final_eval_records: int = 0  # final evaluation on the first N (0: all)
     save_every: int = 500
     num_workers: int = 8
+    preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     seed: int = 0
     bf16: bool = True
     save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
@@ -102,7 +104,7 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
 
 
 # Options that may change between a run and its resumption; every other one must stay the same.
-RESUMABLE_CHANGES = {"num_workers", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
+RESUMABLE_CHANGES = {"num_workers", "preload", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
 def check_same_run(saved_config: Path, cfg: TeacherConfig) -> None:
@@ -167,9 +169,11 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
+    if cfg.preload:
+        dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress)
     loader = DataLoader(
         dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=cfg.num_workers,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=0 if cfg.preload else cfg.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
     eval_subset = test_records[: cfg.eval_records]

@@ -257,3 +257,32 @@ def test_corrupt_checkpoint_on_resume_is_reported(tiny_teacher, tmp_path):
     with pytest.raises(RuntimeError, match="damaged or incomplete"):
         distill(_cfg(tiny_teacher, out), resume=True, progress=False)
     assert ckpt.exists()  # nothing already written is lost
+
+
+DDP_SCRIPT = """
+import json, sys
+from matvlm.distill import DistillConfig, distill
+cfg = DistillConfig(**json.loads(sys.argv[1]))
+summary = distill(cfg, progress=False)
+print("HISTORY", json.dumps([row[:5] for row in summary["history"]]))
+"""
+
+
+def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
+    """DDP through `accelerate launch` (2 CPU processes, gloo) at the same global batch: same losses."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    curves = []
+    for n in (1, 2):
+        cfg = asdict(_cfg(tiny_teacher, tmp_path / f"out{n}", steps=3, save_every=3))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        proc = subprocess.run([*launch, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]
+        curves.append(json.loads(line.split(" ", 1)[1]))
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-6, atol=1e-8)

@@ -83,3 +83,10 @@ def test_resume_refuses_changed_options_and_fresh_start_over_checkpoints(world, 
     with pytest.raises(FileExistsError, match="holds checkpoints"):
         train_teacher(tiny_cfg(world, out), progress=False, resume=False)
     assert train_teacher(tiny_cfg(world, out, num_workers=0, eval_every=0), progress=False) is not None
+
+
+def test_preloaded_data_gives_the_same_run(world, tmp_path):
+    plain, pre = tmp_path / "plain", tmp_path / "pre"
+    train_teacher(tiny_cfg(world, plain, steps=4, save_every=4), progress=False)
+    train_teacher(tiny_cfg(world, pre, steps=4, save_every=4, preload=True, num_workers=1), progress=False)
+    torch.testing.assert_close(torch.tensor(history(plain)), torch.tensor(history(pre)), rtol=0, atol=0)

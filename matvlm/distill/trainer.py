@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..convert import to_hybrid
+from ..data.preload import PreloadedDataset
 from ..data.llava import SupervisedDataset, collate, load_records
 from ..eval.report import write_json_atomic
 from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_info
@@ -81,6 +82,7 @@ class DistillConfig:
     bf16: bool = True  # autocast on the GPU; frozen weights in bf16 there
     gradient_checkpointing: bool = False
     num_workers: int = 4
+    preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     seed: int = 0
     save_every: int = 200
     eval_data: str = ""  # held-out LLaVA JSON for periodic and final evaluation
@@ -115,7 +117,7 @@ class DistillConfig:
 
 
 # Options that may change when a run resumes; every other one must match the saved config.
-RESUMABLE_CHANGES = {"num_workers", "save_every", "eval_every", "eval_records", "eval_data", "out", "data", "images",
+RESUMABLE_CHANGES = {"num_workers", "preload", "save_every", "eval_every", "eval_records", "eval_data", "out", "data", "images",
                      "teacher", "student", "max_batch_tokens", "gradient_checkpointing"}
 
 
@@ -252,9 +254,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
 
     model, optimizer = accelerator.prepare(distiller, optimizer)
     sampler = ResumableBatches(order, start, total_steps, accelerator.process_index, accelerator.num_processes)
+    if cfg.preload:
+        dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress and main)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        num_workers=cfg.num_workers, pin_memory=on_gpu,
+        num_workers=0 if cfg.preload else cfg.num_workers, pin_memory=on_gpu,
     )
     eval_records = load_records(cfg.eval_data)[: cfg.eval_records] if cfg.eval_data else []
     logs = _Logs(run_dir, enabled=main)
