@@ -169,7 +169,8 @@ def to_hybrid(
     if seed is not None:
         torch.manual_seed(seed)
     param = next(teacher.parameters())
-    student = MaTVLMForConditionalGeneration._from_config(config, dtype=param.dtype).to(param.device)
+    with torch.device(param.device):  # build where the teacher lives: a 3B random init on the CPU takes minutes
+        student = MaTVLMForConditionalGeneration._from_config(config, dtype=param.dtype)
 
     mixer_prefixes = tuple(f"model.language_model.layers.{i}.self_attn." for i in layers)
     teacher_state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(mixer_prefixes)}

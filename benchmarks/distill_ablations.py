@@ -1,0 +1,168 @@
+"""The paper's distillation ablations in miniature, on the synthetic world (issue 5).
+
+    python benchmarks/distill_ablations.py run --teacher T --world W --out runs/abl [--steps 400] [--parallel 4]
+    python benchmarks/distill_ablations.py report runs/abl/results.json --out benchmarks/
+
+`run` distils one hybrid per variant (several side by side on one GPU: the models are small), evaluates the
+teacher and every hybrid on the same held-out records with `matvlm eval`, and writes results.json with the
+scores, each run's loss log and its distillation tokens. `report` turns results.json into a markdown table
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# name -> DistillConfig overrides; the base is the default recipe at 25%.
+VARIANTS: dict[str, dict] = {
+    "ratio_12.5": {"ratio": 0.125},
+    "ratio_25 (default)": {},
+    "ratio_50": {"ratio": 0.5},
+    "place_begin": {"placement": "begin"},
+    "place_middle": {"placement": "middle"},
+    "place_end": {"placement": "end"},
+    "loss_ce": {"alpha_layer": 0.0, "beta_kl": 0.0, "gamma_ce": 1.0},
+    "loss_layer": {"alpha_layer": 1.0, "beta_kl": 0.0},
+    "loss_kl": {"alpha_layer": 0.0, "beta_kl": 1.0},
+    "loss_kl_layer_ce": {"gamma_ce": 1.0},
+    "init_random": {"random_init": True},
+    "attn_bias": {"attn_bias": True},
+    "conv_identity": {"conv_init": "identity"},
+    "temperature_2": {"temperature": 2.0},
+    "released_normalisation": {"layer_loss": "frobenius", "normalize": "sequence"},
+}
+
+
+def slug(name: str) -> str:
+    return name.split(" ")[0].replace(".", "_")
+
+
+def run_variant(name: str, overrides: dict, args) -> dict:
+    out = Path(args.out) / slug(name)
+    cfg = {
+        "teacher": args.teacher, "out": str(out / "hybrid"), "data": str(Path(args.world) / "train.json"),
+        "images": [str(Path(args.world) / "images")], "steps": args.steps, "batch_size": args.batch_size,
+        "lr": args.lr, "num_workers": args.workers, "save_every": args.steps, **overrides,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    began = time.time()
+    with open(out / "distill.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "matvlm.cli", "distill", "--config", str(out / "config.json"),
+                               "--resume"], stdout=log, stderr=subprocess.STDOUT)
+    result = {"name": name, "overrides": overrides, "returncode": proc.returncode, "seconds": time.time() - began}
+    if proc.returncode == 0:
+        result["eval"] = evaluate(out / "hybrid", args)
+        with open(out / "hybrid" / "log.csv") as f:
+            rows = list(csv.DictReader(f))
+        result["log"] = {k: [float(r[k]) for r in rows] for k in ("step", "loss", "layer", "kl", "ce", "tokens")}
+        result["distill_tokens"] = int(sum(result["log"]["tokens"]))
+    print(f"{name}: rc {proc.returncode}, {result.get('eval', {}).get('average', float('nan')):.4f}", flush=True)
+    return result
+
+
+def evaluate(model_dir: Path, args) -> dict:
+    out = Path(model_dir) / "eval.json"
+    subprocess.run([sys.executable, "-m", "matvlm.cli", "eval", str(model_dir), "--data", str(Path(args.world) / "test.json"),
+                    "--limit", str(args.eval_records), "--batch-size", "256", "--out", str(out)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    res = json.loads(out.read_text())
+    return {"average": res["average"], "families": {k: v["score"] for k, v in res["families"].items()},
+            "tokens_per_second": res.get("tokens_per_second")}
+
+
+def run(args) -> None:
+    names = [n for n in VARIANTS if not args.only or slug(n) in args.only.split(",")]
+    teacher_info = json.loads((Path(args.teacher) / "matvlm.json").read_text())
+    results = {"teacher": {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
+                           "eval": evaluate(Path(args.teacher), args)},
+               "settings": vars(args), "device": device_name(), "variants": []}
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results["variants"] = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args), names))
+    path = Path(args.out) / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    print("wrote", path)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def pct(a: float, b: float) -> float:
+    return 100 * a / b if b else float("nan")
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(args.results).read_text())
+    teacher = res["teacher"]["eval"]
+    families = list(teacher["families"])
+    lines = [f"Teacher held-out average {teacher['average']:.3f} on {res['settings']['eval_records']} records; "
+             f"device {res['device']}; {res['settings']['steps']} steps of {res['settings']['batch_size']} records.", "",
+             "| variant | avg | retention | " + " | ".join(families) + " | distill tokens (% of teacher) |",
+             "|---|---|---|" + "---|" * len(families) + "---|",
+             "| teacher | {:.3f} | 100% | ".format(teacher["average"]) + " | ".join(
+                 f"{teacher['families'][f]:.3f}" for f in families) + " | - |"]
+    for v in res["variants"]:
+        if "eval" not in v:
+            lines.append(f"| {v['name']} | failed (rc {v['returncode']}) |")
+            continue
+        e = v["eval"]
+        share = 100 * v["distill_tokens"] / res["teacher"]["train_tokens"] if res["teacher"]["train_tokens"] else float("nan")
+        lines.append(f"| {v['name']} | {e['average']:.3f} | {pct(e['average'], teacher['average']):.1f}% | "
+                     + " | ".join(f"{e['families'].get(f, float('nan')):.3f}" for f in families) + f" | {share:.1f}% |")
+    out = Path(args.out)
+    (out / "distill_ablations_table.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v in res["variants"]:
+        if "log" in v and v["name"].split(" ")[0] in ("ratio_25", "init_random", "loss_kl", "loss_layer", "loss_ce"):
+            axes[0].plot(v["log"]["step"], v["log"]["kl"], label=v["name"])
+    axes[0].set(xlabel="step", ylabel="KL(teacher || student) per position", yscale="log", title="convergence")
+    axes[0].legend(fontsize=8)
+    ok = [v for v in res["variants"] if "eval" in v]
+    axes[1].barh([v["name"] for v in ok], [pct(v["eval"]["average"], teacher["average"]) for v in ok])
+    axes[1].axvline(100, color="k", lw=0.8)
+    axes[1].set(xlabel="held-out average, % of teacher", title="retention")
+    fig.tight_layout()
+    fig.savefig(out / "distill_ablations.png", dpi=120)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--teacher", required=True)
+    r.add_argument("--world", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int, default=400)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--parallel", type=int, default=4)
+    r.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) // 4))
+    r.add_argument("--eval-records", type=int, default=900)
+    r.add_argument("--only", default="")
+    g = sub.add_parser("report")
+    g.add_argument("results")
+    g.add_argument("--out", default="benchmarks")
+    args = p.parse_args()
+    run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
