@@ -229,6 +229,16 @@ def distill(
         console.print(results_table(summary["heldout"], title="hybrid held-out scores"))
 
 
+@app.command("lmms-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                             "help_option_names": []})
+def lmms_eval_command(ctx: typer.Context) -> None:
+    """Run lmms-eval with the matvlm model registered (needs: pip install "matvlm[lmms]"); see docs/benchmarks.md."""
+    from matvlm.eval.lmms import main as lmms_main
+
+    sys.argv = ["matvlm lmms-eval", *ctx.args]
+    lmms_main()
+
+
 @app.command("eval")
 def eval_command(
     model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
@@ -255,7 +265,7 @@ def eval_command(
     try:
         model = load_vlm(model_dir, device=device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")  # as in training
         loaded = load_records(data, skip_bad=skip_bad)
         records, problems = loaded if skip_bad else (loaded, [])
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -80,16 +80,17 @@ def generate_answers(
     bar = tqdm(total=len(items), desc="generating", disable=not progress, unit="rec")
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_token_id=pad_id, padding_side="left")
-        pixel_values = batch["pixel_values"]
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device, dtype=model.dtype)
+        # transformers runs the vision tower even on pixel_values=None: pass images only when there are some.
+        images = {}
+        if batch["pixel_values"] is not None:
+            images["pixel_values"] = batch["pixel_values"].to(device, dtype=model.dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
         out = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
-            pixel_values=pixel_values,
+            **images,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
