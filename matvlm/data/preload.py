@@ -9,22 +9,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 
-def _as_list(items: list[dict]) -> list[dict]:
-    return items
+def _to_numpy(items: list[dict]) -> list[dict]:
+    # Workers hand back numpy arrays, pickled by value: thousands of shared-memory tensors would each
+    # take a file descriptor and exhaust the limit.
+    return [{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()} for item in items]
 
 
 class PreloadedDataset(Dataset):
     def __init__(self, dataset: Dataset, workers: int = 8, progress: bool = True):
         self.lengths = getattr(dataset, "lengths", None)
-        loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers, collate_fn=_as_list)
+        loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers, collate_fn=_to_numpy)
         self.items: list[dict[str, Any]] = []
         for chunk in tqdm(loader, desc="preloading", disable=not progress, unit_scale=256):
             for item in chunk:
+                item = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                        for k, v in item.items()}
                 item["input_ids"] = item["input_ids"].to(torch.int32)  # halves the memory; widened on access
                 item["labels"] = item["labels"].to(torch.int32)
                 self.items.append(item)
