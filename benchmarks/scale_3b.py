@@ -48,12 +48,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tokens", type=int, default=1428)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     args = p.parse_args()
     dev = torch.device("cuda")
     report: dict = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
                     "torch": torch.__version__, "scan_backend": kernels.scan_backend("cuda"), "dtype": "bfloat16",
-                    "batch": 1, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio}
+                    "batch": args.batch, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio}
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -89,17 +91,18 @@ def main() -> None:
     opt = torch.optim.AdamW(trainable, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.01, foreach=True)
 
     L = args.tokens
-    ids = torch.randint(0, 50000, (1, L), device=dev)
-    ids[0, 1:729] = config.image_token_index
+    B = args.batch
+    ids = torch.randint(0, 50000, (B, L), device=dev)
+    ids[:, 1:729] = config.image_token_index
     mask = torch.ones_like(ids)
     labels = ids.clone()
-    labels[0, :1000] = -100
-    pixels = torch.randn(1, 3, 384, 384, device=dev)
+    labels[:, :1000] = -100
+    pixels = torch.randn(B, 3, 384, 384, device=dev)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             parts = distiller(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
-            loss = parts["layer"] / L + parts["kl"] / L
+            loss = parts["layer"] / (B * L) + parts["kl"] / (B * L)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -115,6 +118,16 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        print(table)
+        report["profile_top_kernels"] = table.splitlines()[:30]
+
     n_lm = report["teacher_lm_params"]
     n_vis = sum(p.numel() for p in student.model.vision_tower.parameters())
     n_mixer = sum(sum(p.numel() for p in m.parameters()) for m in student.mixers().values())
@@ -126,12 +139,12 @@ def main() -> None:
     flops = 2 * n_lm + 2 * n_lm + 2 * n_lm + 2 * n_mixer + 6 * n_mixer_layers + 2 * n_vis * 729 / L
     report.update(
         step_seconds=round(seconds, 4),
-        tokens_per_second=round(L / seconds, 1),
+        tokens_per_second=round(B * L / seconds, 1),
         peak_memory_gib=gib(torch.cuda.max_memory_allocated()),
         peak_reserved_gib=gib(torch.cuda.max_memory_reserved()),
         model_gflop_per_token=round(flops / 1e9, 2),
-        mfu=round(flops * L / seconds / H100_BF16_DENSE_FLOPS, 3),
-        projected_epoch_hours_at_1428_tokens=round(EPOCH_RECORDS * seconds / 3600, 2),
+        mfu=round(flops * B * L / seconds / H100_BF16_DENSE_FLOPS, 3),
+        projected_epoch_hours_at_1428_tokens=round(EPOCH_RECORDS * seconds / B / 3600, 2),
         gradient_checkpointing=args.gradient_checkpointing,
     )
     print(json.dumps(report, indent=2))

@@ -2,6 +2,6 @@
 set -e
 rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/transformers-*.whl \
-  .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl 2>&1 | grep -v WARNING || true
+  .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl .gpu-wheels/mamba_ssm-*.whl 2>&1 | grep -v WARNING || true
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, torch.cuda.get_device_name())"
