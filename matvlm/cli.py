@@ -232,7 +232,7 @@ def distill(
 @app.command("lmms-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                              "help_option_names": []})
 def lmms_eval_command(ctx: typer.Context) -> None:
-    """Run lmms-eval with the matvlm model registered (needs: pip install "matvlm[lmms]"); see docs/benchmarks.md."""
+    """Run lmms-eval with the matvlm model registered (needs: pip install "matvlm\\[lmms]"); see docs/benchmarks.md."""
     from matvlm.eval.lmms import main as lmms_main
 
     sys.argv = ["matvlm lmms-eval", *ctx.args]
@@ -289,38 +289,52 @@ def eval_command(
 
 
 @app.command()
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Output directory."),
-    ratio: float = typer.Option(0.25, help="Fraction of decoder layers to replace."),
+def generate(
+    model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
+    image: Path = typer.Option(None, help="Image file (omit for a text-only prompt)."),
+    prompt: str = typer.Option(..., help="The user's question."),
+    max_new_tokens: int = typer.Option(128, help="Longest answer."),
+    temperature: float = typer.Option(0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, help="Keep only the k most likely tokens (0: all)."),
+    seed: int = typer.Option(None, help="Seed for sampling."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)."),
+    template: str = typer.Option(None, help="Chat template (default: the model's, else guessed from its tokenizer)."),
+    stream: bool = typer.Option(True, help="Print the answer as it is generated."),
 ) -> None:
-    """Offline demo on a small built-in teacher: build it, convert it, and compare generation."""
-    import torch
+    """Answer one prompt about one image with the fast engine (static cache; CUDA graphs on a GPU)."""
+    from matvlm.engine import generate_command
 
-    from matvlm.io import load_vlm
-    from matvlm.tiny import tiny_llava
+    try:
+        result = generate_command(model_dir, image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, template=template,
+                                  stream=stream)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    if stream:
+        console.print()
+    else:
+        console.print(result["text"])
+    console.print(f"[dim]{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens; prefill "
+                  f"{result['prefill_seconds'] * 1e3:.0f} ms; decode {result['decode_tokens_per_s']:.1f} tokens/s on "
+                  f"{result['device']} ({result['dtype']}, CUDA graphs {'on' if result['cuda_graph'] else 'off'})[/]")
 
-    out.mkdir(parents=True, exist_ok=True)
-    teacher_dir, hybrid_dir = out / "teacher", out / "hybrid"
-    console.print("[bold]1.[/] building a small random Phi + SigLIP teacher (8 layers)")
-    teacher = tiny_llava("phi", num_layers=8, hidden_size=128, num_heads=4)
-    teacher.save_pretrained(teacher_dir)
-    console.print(f"[bold]2.[/] converting {ratio:.1%} of its layers to Mamba-2 mixers")
-    convert_and_save(teacher_dir, hybrid_dir, overwrite=True, context=2048, ratio=ratio)
-    hybrid = load_vlm(hybrid_dir)
-    console.print("[bold]3.[/] greedy generation, teacher vs hybrid (random weights: the tokens mean nothing)")
-    config = teacher.config
-    ids = torch.tensor([[1] + [config.image_token_index] * config.image_seq_length + [5, 6, 7, 8]])
-    pixels = torch.randn(1, 3, config.vision_config.image_size, config.vision_config.image_size)
-    banned = [config.image_token_index, config.text_config.eos_token_id]
-    for name, model in (("teacher", teacher), ("hybrid", hybrid)):
-        start = time.perf_counter()
-        tokens = model.generate(
-            input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-            max_new_tokens=32, do_sample=False, suppress_tokens=banned,
-        )[0, ids.shape[1]:]
-        elapsed = time.perf_counter() - start
-        console.print(f"  {name:8s} {tokens.tolist()[:12]}...  ({len(tokens) / elapsed:.0f} tokens/s on CPU)")
-    console.print(f"done: teacher in {teacher_dir}, hybrid in {hybrid_dir}")
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output directory (report, models, world)."),
+    teacher: Path = typer.Option(None, help="Teacher directory (default: the shipped teacher)."),
+    ratio: float = typer.Option(0.25, help="Fraction of decoder layers to replace."),
+    minutes: float = typer.Option(6.0, help="Distillation budget in minutes (steps calibrated on this machine)."),
+) -> None:
+    """The method end to end, offline: convert, distil, evaluate teacher vs hybrid, speed and memory, report."""
+    from matvlm.demo import DemoConfig, run_demo
+
+    try:
+        run_demo(DemoConfig(out=str(out), teacher=str(teacher) if teacher else "", ratio=ratio, minutes=minutes))
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
 
 
 def main() -> None:

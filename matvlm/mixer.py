@@ -145,7 +145,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, state = ssd.ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=prev_state)
         if cache is not None:
-            cache.update_recurrent_state(state.to(hidden_states.dtype), layer_idx=self.layer_idx)
+            cache.update_recurrent_state(state, layer_idx=self.layer_idx)  # float32: bf16 rounding every step drifts
 
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y), None

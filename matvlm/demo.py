@@ -1,0 +1,195 @@
+"""`matvlm demo`: the whole method on the embedded default, offline, in minutes.
+
+teacher (the shipped one, or one given with --teacher; without either, a small teacher is trained here)
+  -> convert a fraction of its layers to Mamba-2 mixers
+  -> distil for a time budget (the number of steps is calibrated on this machine)
+  -> evaluate teacher and hybrid on held-out records of the synthetic world
+  -> compare generation speed and cache memory
+  -> a markdown report with plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .convert import summarize_conversion, to_hybrid
+from .data.llava import load_records
+from .data.synth import generate_world
+from .distill import DistillConfig, distill
+from .eval.runner import evaluate, read_model_info
+from .io import load_vlm
+
+SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    teacher: str = ""  # default: the shipped teacher, else one trained here
+    ratio: float = 0.25
+    minutes: float = 6.0  # distillation budget (wall clock)
+    train_records: int = 3000
+    test_records: int = 270
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def ensure_teacher(cfg: DemoConfig, out: Path) -> tuple[Path, bool]:
+    """-> (teacher directory, whether it is a quality teacher). Trains a small one when none ships."""
+    if cfg.teacher:
+        return Path(cfg.teacher), True
+    if (SHIPPED_TEACHER / "config.json").exists():
+        return SHIPPED_TEACHER, True
+    from .teacher import TeacherConfig, train_teacher
+
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "config.json").exists():
+        _say("no teacher ships with this version: training a small one here for ~2 minutes "
+             "(its answers are near chance; pass --teacher DIR for a trained one)")
+        world = out / "teacher_world"
+        if not (world / "train.json").exists():
+            generate_world(world, n_train=2000, n_test=0, seed=cfg.seed + 1, image_size=128, workers=2)
+        train_teacher(TeacherConfig(
+            data=str(world), out=str(teacher_dir), template="phi_short", vocab_size=1024, patch_size=32,
+            vision_hidden=96, vision_layers=2, vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4,
+            heads=4, intermediate=512, batch_size=16, steps=150, lr=2e-3, eval_every=0, final_eval_records=1,
+            save_every=150, num_workers=1, save_dtype="float32",
+        ))
+    return teacher_dir, False
+
+
+def world_for(teacher_dir: Path, cfg: DemoConfig, out: Path) -> Path:
+    """The teacher's world (same generator seed and image size), regenerated small enough for a CPU."""
+    info = read_model_info(teacher_dir).get("world") or {}
+    seed = info.get("seed", cfg.seed + 1)
+    size = info.get("image_size", 128)
+    world = out / "world"
+    if not (world / "test.json").exists():
+        generate_world(world, n_train=cfg.train_records, n_test=cfg.test_records, seed=seed, image_size=size, workers=2)
+    return world
+
+
+def decode_speed(model, image_tokens: int, new_tokens: int = 64) -> float:
+    """Greedy decode tokens/s with HF generate at batch 1 (same engine for both models)."""
+    cfg = model.config
+    size = cfg.vision_config.image_size
+    ids = torch.tensor([[cfg.text_config.bos_token_id or 0] + [cfg.image_token_index] * image_tokens + [5, 6, 7]])
+    pixels = torch.randn(1, 3, size, size)
+    kwargs = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=False,
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=[cfg.image_token_index])
+    with torch.no_grad():
+        model.generate(**{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        model.generate(**kwargs)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    teacher_dir, trained = ensure_teacher(cfg, out)
+    _say(f"1. teacher: {teacher_dir}")
+    world = world_for(teacher_dir, cfg, out)
+    _say(f"2. held-out and distillation records of the teacher's world: {world}")
+
+    base = dict(teacher=str(teacher_dir), data=str(world / "train.json"), images=[str(world / "images")],
+                ratio=cfg.ratio, batch_size=cfg.batch_size, lr=cfg.lr, num_workers=1, seed=cfg.seed)
+    calib_out = out / "calibration"
+    calib = distill(DistillConfig(out=str(calib_out), steps=3, save_every=1000, **base), resume=True, progress=False)
+    seconds = [row[8] for row in calib["history"]]  # elapsed at each step; the first step includes warm-up
+    per_step = (seconds[-1] - seconds[0]) / (len(seconds) - 1) if len(seconds) > 1 else seconds[0]
+    steps = max(4, int(cfg.minutes * 60 / per_step * 0.85))
+    _say(f"3. converting {cfg.ratio:.1%} of the layers and distilling for {steps} steps "
+         f"(~{cfg.minutes:g} min at {per_step:.2f} s/step, calibrated here)")
+    hybrid_dir = out / "hybrid"
+    summary = distill(DistillConfig(out=str(hybrid_dir), steps=steps, save_every=max(steps // 4, 1), **base),
+                      resume=True)
+
+    _say("4. evaluating teacher and hybrid on the held-out records")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(teacher_dir)
+    template = read_model_info(hybrid_dir).get("template")
+    records = load_records(world / "test.json")
+    teacher = load_vlm(teacher_dir)
+    hybrid = load_vlm(hybrid_dir)
+    scores = {}
+    for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+        res = evaluate(model, processor.tokenizer, processor.image_processor, records, [world / "images"], template,
+                       batch_size=32, progress=False)
+        scores[name] = {k: v for k, v in res.items() if k != "records"}
+
+    _say("5. generation speed and cache memory")
+    image_tokens = teacher.config.image_seq_length
+    speed = {name: decode_speed(m, image_tokens) for name, m in (("teacher", teacher), ("hybrid", hybrid))}
+    conv = summarize_conversion(teacher, to_hybrid(teacher, ratio=cfg.ratio))
+    contexts = [512, 2048, 8192, 32768]
+    cache = {n: conv.cache_bytes(n) for n in contexts}
+    report = write_report(out, cfg, teacher_dir, trained, steps, summary, scores, speed, cache, hybrid_dir)
+    _say(f"done: report in {report}")
+    return report
+
+
+def write_report(out: Path, cfg: DemoConfig, teacher_dir: Path, trained: bool, steps: int, summary: dict,
+                 scores: dict, speed: dict, cache: dict, hybrid_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted(set(scores["teacher"]["families"]) | set(scores["hybrid"]["families"]))
+    t, h = scores["teacher"], scores["hybrid"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = range(len(fams))
+    axes[0].bar([i - 0.2 for i in x], [t["families"].get(f, {}).get("score", 0) for f in fams], 0.4, label="teacher")
+    axes[0].bar([i + 0.2 for i in x], [h["families"].get(f, {}).get("score", 0) for f in fams], 0.4, label="hybrid")
+    axes[0].set_xticks(list(x), fams, rotation=45, ha="right")
+    axes[0].set(title="held-out score per family")
+    axes[0].legend()
+    with open(hybrid_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    axes[1].plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    axes[1].set(title="distillation loss", xlabel="step", yscale="log")
+    ctx = list(cache)
+    axes[2].plot(ctx, [cache[c][0] / 2**20 for c in ctx], "o-", label="teacher")
+    axes[2].plot(ctx, [cache[c][1] / 2**20 for c in ctx], "o-", label="hybrid")
+    axes[2].set(title="cache per sequence (bf16)", xlabel="context tokens", ylabel="MiB", xscale="log", yscale="log")
+    axes[2].legend()
+    fig.tight_layout()
+    png = out / "demo.png"
+    fig.savefig(png, dpi=110)
+
+    lines = [
+        "# matvlm demo report", "",
+        f"Teacher: `{teacher_dir}`" + ("" if trained else " (trained here in ~2 minutes: near chance, a pipeline check only)"),
+        f"Hybrid: `{hybrid_dir}`: {cfg.ratio:.1%} of the decoder layers are Mamba-2 mixers, distilled for {steps} steps "
+        f"({sum(int(r[7]) for r in summary['history']):,} tokens, {summary['train_seconds']:.0f} s on "
+        f"{'the GPU' if torch.cuda.is_available() else 'the CPU'}).", "",
+        f"| | teacher | hybrid |", "|---|---|---|",
+        f"| held-out average ({t['n']} records) | {t['average']:.3f} | {h['average']:.3f} |",
+    ]
+    lines += [f"| {f} | {t['families'].get(f, {}).get('score', float('nan')):.3f} | "
+              f"{h['families'].get(f, {}).get('score', float('nan')):.3f} |" for f in fams]
+    lines += [f"| decode tokens/s (HF generate, batch 1, CPU) | {speed['teacher']:.1f} | {speed['hybrid']:.1f} |"]
+    lines += [f"| cache per sequence at {c:,} tokens | {cache[c][0] / 2**20:.2f} MiB | {cache[c][1] / 2**20:.2f} MiB |"
+              for c in cache]
+    lines += ["", f"![plots]({png.name})", "",
+              "Speed on the CPU with a tiny model says little about a GPU: see the README's benchmark section for "
+              "measured H100 figures."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({"scores": scores, "speed": speed, "cache": {str(k): v for k, v in cache.items()},
+                                                 "steps": steps}, indent=1, default=str))
+    return path
