@@ -326,7 +326,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output directory (report, models, world)."),
     teacher: Path = typer.Option(None, help="Teacher directory (default: the shipped teacher)."),
     ratio: float = typer.Option(0.25, help="Fraction of decoder layers to replace."),
-    minutes: float = typer.Option(6.0, help="Distillation budget in minutes (steps calibrated on this machine)."),
+    minutes: float = typer.Option(4.0, help="Distillation budget in minutes (steps calibrated on this machine)."),
 ) -> None:
     """The method end to end, offline: convert, distil, evaluate teacher vs hybrid, speed and memory, report."""
     from matvlm.demo import DemoConfig, run_demo

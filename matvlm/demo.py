@@ -33,7 +33,7 @@ class DemoConfig:
     out: str = "runs/demo"
     teacher: str = ""  # default: the shipped teacher, else one trained here
     ratio: float = 0.25
-    minutes: float = 6.0  # distillation budget (wall clock)
+    minutes: float = 4.0  # distillation budget (wall clock)
     train_records: int = 3000
     test_records: int = 270
     batch_size: int = 16

@@ -286,3 +286,18 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]
         curves.append(json.loads(line.split(" ", 1)[1]))
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-6, atol=1e-8)
+
+
+def test_demo_runs_end_to_end_and_writes_a_report(tiny_teacher, tmp_path):
+    from matvlm.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher[1]), minutes=0.01,
+                                 train_records=24, test_records=9, batch_size=4))
+    text = report.read_text()
+    assert "held-out average (9 records)" in text and "cache per sequence at 32,768 tokens" in text
+    data = json.loads((report.parent / "report.json").read_text())
+    assert set(data["scores"]) == {"teacher", "hybrid"} and data["steps"] >= 4
+    before, after = data["cache"]["32768"]
+    assert after < before  # half the layers are mixers in this 4-layer teacher at 25%: one fewer KV layer
+    assert (report.parent / "demo.png").stat().st_size > 10_000
+    assert load_vlm(report.parent / "hybrid").config.mamba_layers == [0]
