@@ -177,7 +177,7 @@ def write_report(out: Path, cfg: DemoConfig, teacher_dir: Path, trained: bool, s
         f"Hybrid: `{hybrid_dir}`: {cfg.ratio:.1%} of the decoder layers are Mamba-2 mixers, distilled for {steps} steps "
         f"({sum(int(r[7]) for r in summary['history']):,} tokens, {summary['train_seconds']:.0f} s on "
         f"{'the GPU' if torch.cuda.is_available() else 'the CPU'}).", "",
-        f"| | teacher | hybrid |", "|---|---|---|",
+        "| | teacher | hybrid |", "|---|---|---|",
         f"| held-out average ({t['n']} records) | {t['average']:.3f} | {h['average']:.3f} |",
     ]
     lines += [f"| {f} | {t['families'].get(f, {}).get('score', float('nan')):.3f} | "

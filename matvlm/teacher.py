@@ -28,6 +28,7 @@ from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
 from .training import (
     EpochOrder,
+    check_same_run,
     ResumableBatches,
     micro_batches,
     adamw_param_groups,
@@ -107,16 +108,6 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
 RESUMABLE_CHANGES = {"num_workers", "preload", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
-def check_same_run(saved_config: Path, cfg: TeacherConfig) -> None:
-    if not saved_config.exists():
-        return
-    saved = json.loads(saved_config.read_text())
-    changed = sorted(k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"cannot resume {saved_config.parent}: options changed ({details}); use a new --out")
-
-
 def conversation_texts(records: list[dict]):
     for record in records:
         for turn in record["conversations"]:
@@ -159,7 +150,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; resume it, or delete that folder to start over")
     if checkpoints:
-        check_same_run(run_dir / "config.json", cfg)
+        check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
         tensors, state, meta = load_checkpoint(checkpoints[-1])
         model.load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])

@@ -183,6 +183,21 @@ def save_checkpoint(
     return final
 
 
+def check_same_run(saved_config: str | Path, config, resumable: set[str]) -> None:
+    """Refuse to resume a run whose options (a dataclass) changed, except those in `resumable`."""
+    from dataclasses import asdict
+
+    saved_config = Path(saved_config)
+    if not saved_config.exists():
+        return
+    saved = json.loads(saved_config.read_text())
+    now = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as saved
+    changed = sorted(k for k, v in now.items() if k not in resumable and saved.get(k, v) != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {saved_config.parent}: options changed ({details}); use a new --out")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -29,6 +29,7 @@ from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_
 from ..io import atomic_directory, copy_side_files, load_vlm
 from ..training import (
     EpochOrder,
+    check_same_run,
     ResumableBatches,
     adamw_param_groups,
     list_checkpoints,
@@ -121,17 +122,6 @@ RESUMABLE_CHANGES = {"num_workers", "preload", "save_every", "eval_every", "eval
                      "teacher", "student", "max_batch_tokens", "gradient_checkpointing"}
 
 
-def check_same_run(saved_config: Path, cfg: DistillConfig) -> None:
-    if not saved_config.exists():
-        return
-    saved = json.loads(saved_config.read_text())
-    now = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
-    changed = sorted(k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume {saved_config.parent}: options changed ({details}); use a new --out")
-
-
 def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
     if cfg.student:
         student = load_vlm(cfg.student, dtype=next(teacher.parameters()).dtype)
@@ -204,7 +194,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume, or use a new --out")
     if checkpoints:
-        check_same_run(run_dir / "config.json", cfg)
+        check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
 
     dtype = torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32
     teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(device))
