@@ -301,3 +301,32 @@ def test_demo_runs_end_to_end_and_writes_a_report(tiny_teacher, tmp_path):
     assert after < before  # half the layers are mixers in this 4-layer teacher at 25%: one fewer KV layer
     assert (report.parent / "demo.png").stat().st_size > 10_000
     assert load_vlm(report.parent / "hybrid").config.mamba_layers == [0]
+
+
+def test_distill_command_line(tiny_teacher, tmp_path):
+    from typer.testing import CliRunner
+
+    from matvlm.cli import app
+
+    world, teacher = tiny_teacher
+    out = tmp_path / "cli_hybrid"
+    args = ["distill", "--teacher", str(teacher), "--data", str(world / "train.json"), "--out", str(out),
+            "--ratio", "0.5", "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--kl-positions", "answer",
+            "--layer-loss", "frobenius", "--no-train-connector"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "distill_config.json").read_text())
+    assert saved["kl_positions"] == "answer" and saved["layer_loss"] == "frobenius" and not saved["train_connector"]
+    assert saved["images"] == [str(world / "images")]  # default: images/ next to the JSON
+    bad = CliRunner().invoke(app, [*args[:-5], "--kl-positions", "image", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "kl_positions" in bad.output
+
+
+def test_data_without_answer_tokens_is_reported_with_its_id(tiny_teacher, tmp_path):
+    world, _ = tiny_teacher
+    records = json.loads((world / "train.json").read_text())[:8]
+    records[3]["conversations"] = records[3]["conversations"][:1]  # a question and no answer
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    with pytest.raises(Exception, match=str(records[3]["id"])):
+        distill(_cfg(tiny_teacher, tmp_path / "bad_out", data=str(data), steps=2), progress=False)
