@@ -268,7 +268,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         div = dict(zip(("layer", "kl", "ce"), counts.clamp_min(1).tolist()))
         weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
         chunks = micro_batches(batch, cfg.max_batch_tokens)
-        sums = {k: 0.0 for k in div}
+        sums = torch.zeros(len(div) + 1, device=device, dtype=torch.float64)  # loss parts, then tokens
         try:
             for n, chunk in enumerate(chunks):
                 chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
@@ -277,8 +277,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
                     parts = model(**chunk)
                     loss = sum(weights[k] * parts[k] / div[k] for k in parts) * accelerator.num_processes
                 accelerator.backward(loss)
-                for k in parts:
-                    sums[k] += float(parts[k].detach())
+                sums[:-1] += torch.stack([parts[k].detach().double() for k in div])  # no host sync here
         except torch.OutOfMemoryError as err:
             raise RuntimeError(_oom_advice(cfg)) from err
         grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
@@ -286,8 +285,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in div] + [float(batch["attention_mask"].sum())],
-                                                 device=device, dtype=torch.float64), "sum").tolist()
+        sums[-1] = float(batch["attention_mask"].sum())
+        totals = accelerator.reduce(sums, "sum").tolist()
         parts_mean = {k: totals[j] / div[k] for j, k in enumerate(div)}
         loss_value = sum(weights[k] * parts_mean[k] for k in div)
         if not math.isfinite(loss_value):
