@@ -17,24 +17,15 @@ import sys
 import time
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, PhiConfig, SiglipVisionConfig
+from transformers import LlavaForConditionalGeneration
 
 from matvlm import kernels
+from matvlm.bench import tinyllava_3b_config
 from matvlm.convert import to_hybrid
 from matvlm.distill import Distiller, LossSettings
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, dense bf16
 EPOCH_RECORDS = 665_000
-
-
-def tinyllava_3b_config() -> LlavaConfig:
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                                image_size=384, patch_size=14, vision_use_head=False)
-    text = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                     num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=4096,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=50297, image_seq_length=728,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
 def gib(n: float) -> float:

@@ -327,6 +327,34 @@ def generate(
 
 
 @app.command()
+def bench(
+    shape: str = typer.Option("tinyllava-3b", help="tinyllava-3b (random weights, TinyLLaVA-Phi-2-SigLIP-3.1B shape) | tiny."),
+    out: Path = typer.Option(Path("benchmarks"), help="Folder for bench_<device>.json, .md and plots (merged into)."),
+    parts: str = typer.Option("decode,memory,batch,ttft", help="Comma-separated parts."),
+    max_length: int = typer.Option(16384, help="Longest generated length in the decode part."),
+    max_memory_length: int = typer.Option(32768, help="Longest length in the memory part."),
+    hf_max_length: int = typer.Option(1024, help="HF generate only up to this length (slow)."),
+    ratios: str = typer.Option("0.125,0.25,0.5", help="Hybrid ratios."),
+    teacher: bool = typer.Option(True, help="Also measure the teacher."),
+    engines: str = typer.Option("matvlm,hf", help="Engines for decode and time to first token."),
+    contexts: str = typer.Option("2048,16384", help="Contexts of the headline decode speeds."),
+    batch_context: int = typer.Option(4096, help="Context of the batch sweep."),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
+    dtype: str = typer.Option(None, help="bfloat16 | float16 | float32 (default: bfloat16 on cuda, float32 on cpu)."),
+    fresh: bool = typer.Option(False, help="Start a new result file instead of merging."),
+) -> None:
+    """Speed and memory, teacher vs hybrids in the same engine: tokens/s, memory, batch, TTFT, plots."""
+    from matvlm.bench import bench_command
+
+    try:
+        results = bench_command(shape, out, parts, max_length, max_memory_length, hf_max_length, ratios, teacher,
+                                engines, contexts, batch_context, device, dtype, fresh)
+    except ValueError as err:
+        fail(str(err))
+    console.print(results["headline"])
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output directory (report, models, world)."),
     teacher: Path = typer.Option(None, help="Teacher directory (default: the shipped teacher)."),

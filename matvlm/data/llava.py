@@ -68,17 +68,44 @@ def _bos_id(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _tokenize_segments(
+def _tokenize_each_segment(
     segments: Sequence[tuple[str, bool]], tokenizer, bos_id: int | None
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels: each segment tokenized on its own (so no token straddles a
-    prompt/answer boundary), labels = ids on supervised segments, IGNORE_INDEX elsewhere."""
+    """Token ids and labels with each segment tokenized on its own (the fallback for slow tokenizers,
+    and what :func:`check_segment_tokenization` compares against the whole string)."""
     ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
     encoded = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
     for (_, supervised), piece in zip(segments, encoded):
         ids.extend(piece)
         labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
+    return ids, labels
+
+
+def _tokenize_segments(
+    segments: Sequence[tuple[str, bool]], tokenizer, bos_id: int | None
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation tokenized as ONE string, exactly as inference sees it;
+    a token is supervised when its last character lies in a supervised segment.
+
+    Tokenizing segment by segment would be simpler, but SentencePiece tokenizers (Llama, Vicuna) add a
+    prefix space to every call, so the pieces would differ from the inference tokens.
+    """
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets: per-segment tokenization
+        return _tokenize_each_segment(segments, tokenizer, bos_id)
+    text = "".join(t for t, _ in segments)
+    supervised = bytearray(len(text))
+    at = 0
+    for piece, flag in segments:
+        if flag:
+            supervised[at : at + len(piece)] = b"\x01" * len(piece)
+        at += len(piece)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = [] if bos_id is None else [bos_id]
+    labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        ids.append(token)
+        labels.append(token if end > start and supervised[end - 1] else IGNORE_INDEX)
     return ids, labels
 
 
@@ -101,7 +128,7 @@ def check_segment_tokenization(
     if chat.max_turns is not None:
         messages = messages[: 2 * chat.max_turns]
     bos_id = _bos_id(tokenizer)
-    pieces, _ = _tokenize_segments(chat.segments(messages), tokenizer, bos_id)
+    pieces, _ = _tokenize_each_segment(chat.segments(messages), tokenizer, bos_id)
     whole = tokenizer(chat.render(messages))["input_ids"]
     if pieces != whole:
         raise TokenizerError(
@@ -205,7 +232,9 @@ class SupervisedDataset(Dataset):
         chat = get_template(template)
         if chat.image_token != image_token:
             chat = _with_image_token(chat, image_token)
-        if check_tokenization:
+        if check_tokenization and not getattr(tokenizer, "is_fast", False):
+            # Fast tokenizers label the whole-string tokenization (always what inference sees); slow
+            # ones fall back to per-segment tokenization, which must then agree with the whole string.
             check_segment_tokenization(tokenizer, chat, image_token)
         self.records = records
         self.image_folders = [Path(f) for f in image_folders]
