@@ -107,9 +107,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     base = dict(teacher=str(teacher_dir), data=str(world / "train.json"), images=[str(world / "images")],
                 ratio=cfg.ratio, batch_size=cfg.batch_size, lr=cfg.lr, num_workers=1, seed=cfg.seed)
     calib_out = out / "calibration"
-    calib = distill(DistillConfig(out=str(calib_out), steps=3, save_every=1000, **base), resume=True, progress=False)
+    calib = distill(DistillConfig(out=str(calib_out), steps=5, save_every=1000, **base), resume=True, progress=False)
     seconds = [row[8] for row in calib["history"]]  # elapsed at each step; the first step includes warm-up
-    per_step = (seconds[-1] - seconds[0]) / (len(seconds) - 1) if len(seconds) > 1 else seconds[0]
+    per_step = sorted(b - a for a, b in zip(seconds, seconds[1:]))[len(seconds) // 2 - 1]  # median step
     steps = max(4, int(cfg.minutes * 60 / per_step * 0.85))
     _say(f"3. converting {cfg.ratio:.1%} of the layers and distilling for {steps} steps "
          f"(~{cfg.minutes:g} min at {per_step:.2f} s/step, calibrated here)")
