@@ -8,6 +8,7 @@ import torch
 
 import matvlm
 from matvlm import bench
+import matvlm.bench.measure  # noqa: F401  (monkeypatched below)
 from matvlm.bench import (
     build_teacher,
     bytes_per_decode_step,
@@ -179,24 +180,24 @@ def test_batch_sweep_stops_at_out_of_memory(monkeypatch, tiny_models):
     teacher, _ = tiny_models
     tried = []
 
-    class TightEngine(bench.Engine):
+    class TightEngine(bench.measure.Engine):
         def __init__(self, model, max_batch_size=1, *args, **kwargs):
             tried.append(max_batch_size)
             if max_batch_size > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             super().__init__(model, max_batch_size, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "Engine", TightEngine)
+    monkeypatch.setattr(bench.measure, "Engine", TightEngine)
     r = throughput_vs_batch(teacher, context=16, batches=(1, 2, 4, 8), steps=2, bandwidth=10.0)
     assert tried == [1, 2, 4]  # stops at the first failure
     assert r["batches"] == [1, 2] and r["max_batch"] == 2 and r["oom_at"] == 4 and not r["oom_predicted"]
     assert len(r["tokens_per_s"]) == len(r["floor_tokens_per_s"]) == 2
 
-    class BrokenEngine(bench.Engine):
+    class BrokenEngine(bench.measure.Engine):
         def __init__(self, *args, **kwargs):
             raise RuntimeError("some other failure")
 
-    monkeypatch.setattr(bench, "Engine", BrokenEngine)
+    monkeypatch.setattr(bench.measure, "Engine", BrokenEngine)
     with pytest.raises(RuntimeError, match="some other failure"):  # only out-of-memory ends the sweep quietly
         throughput_vs_batch(teacher, context=16, batches=(1,), steps=1)
 
