@@ -46,7 +46,13 @@ class BadRecordError(DataError):
     """A record that cannot be used. ``path``: the file it came from (None for in-memory records);
     ``record``: its id, or its index when it has no usable id; ``reason``: what is wrong."""
 
-    def __init__(self, path: str | Path | None, record: str | int | None, reason: str) -> None:
+    def __init__(self, path: str | Path | None, record: str | int | None = None, reason: str | None = None) -> None:
+        if record is None and reason is None and path is not None:
+            # Rebuilt from its message alone: torch re-raises a DataLoader worker's error as
+            # `type(err)(message)`, so the type survives the trip (the fields do not).
+            self.path, self.record, self.reason = None, None, str(path)
+            ValueError.__init__(self, str(path))
+            return
         self.path = None if path is None else str(path)
         self.record = record
         self.reason = reason
