@@ -110,11 +110,14 @@ class ResumableBatches(Sampler[list[int]]):
             yield batch[self.rank :: self.world_size]
 
 
-def micro_batches(batch: dict, max_tokens: int) -> list[dict]:
-    """Split a right-padded collated batch into row chunks of at most `max_tokens` padded tokens each.
+def micro_batches(batch: dict, max_tokens: int, multiple: int = 1) -> list[dict]:
+    """Split a right-padded collated batch into row chunks of at most `max_tokens` padded tokens each
+    (before the rounding below).
 
-    Each chunk is trimmed to its own longest row. Short batches stay whole; a batch of long records is
-    split instead of running out of memory. Rows with images keep their own pixel_values.
+    Each chunk is trimmed to its own longest row, rounded up to a multiple of `multiple` (at most the
+    batch's width; collate with the same `pad_to_multiple_of`): fewer distinct shapes for GPU kernels to
+    compile, tune and cache. Short batches stay whole; a batch of long records is split instead of
+    running out of memory. Rows with images keep their own pixel_values.
     """
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     image_index = torch.cumsum(batch["has_image"].long(), 0) - 1
@@ -123,7 +126,7 @@ def micro_batches(batch: dict, max_tokens: int) -> list[dict]:
         stop = start + 1
         while stop < len(lengths) and (stop + 1 - start) * max(lengths[start : stop + 1]) <= max_tokens:
             stop += 1
-        width = max(lengths[start:stop])
+        width = min(-(-max(lengths[start:stop]) // multiple) * multiple, batch["input_ids"].shape[1])
         chunk = {k: batch[k][start:stop, :width] for k in ("input_ids", "attention_mask", "labels") if k in batch}
         rows = batch["has_image"][start:stop]
         pixels = batch["pixel_values"]

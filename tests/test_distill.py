@@ -330,3 +330,12 @@ def test_data_without_answer_tokens_is_reported_with_its_id(tiny_teacher, tmp_pa
     data.write_text(json.dumps(records))
     with pytest.raises(Exception, match=str(records[3]["id"])):
         distill(_cfg(tiny_teacher, tmp_path / "bad_out", data=str(data), steps=2), progress=False)
+
+
+def test_padding_widths_to_a_multiple_changes_nothing(tiny_teacher, tmp_path):
+    exact = distill(_cfg(tiny_teacher, tmp_path / "exact", steps=2, pad_to_multiple=1), progress=False)
+    padded = distill(_cfg(tiny_teacher, tmp_path / "padded", steps=2, pad_to_multiple=64, max_batch_tokens=900),
+                     progress=False)
+    torch.testing.assert_close(torch.tensor([r[1:5] for r in exact["history"]]),
+                               torch.tensor([r[1:5] for r in padded["history"]]), rtol=1e-4, atol=1e-6)
+    assert [r[7] for r in exact["history"]] == [r[7] for r in padded["history"]]  # tokens count real ones only

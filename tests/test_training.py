@@ -105,3 +105,14 @@ def test_checkpoint_round_trip_and_rotation(tmp_path):
     set_rng_state(state["rng"])
     # the RNG state saved at step 3 was taken before `expected` was drawn
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_micro_batch_widths_round_up_to_the_multiple():
+    from matvlm.data.llava import collate
+
+    items = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (70, 5, 3, 130)]
+    batch = collate(items, pad_token_id=0, pad_to_multiple_of=64)
+    assert batch["input_ids"].shape[1] == 192
+    chunks = micro_batches(batch, max_tokens=300, multiple=64)
+    assert [c["input_ids"].shape[1] for c in chunks] == [128, 192]  # 70 -> 128 (rows 0-2 fit), 130 -> 192
+    assert sum(int(c["attention_mask"].sum()) for c in chunks) == 70 + 5 + 3 + 130

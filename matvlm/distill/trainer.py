@@ -77,6 +77,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     batch_size: int = 64  # global: over all processes and micro-batches
     max_batch_tokens: int = 16384  # padded tokens per micro-batch per process; bigger batches are split
+    pad_to_multiple: int = 64  # sequence widths rounded up: fewer shapes for GPU kernels to compile and tune
     steps: int = 0  # 0: one epoch
     epochs: float = 1.0
     max_length: int = 2048
@@ -246,8 +247,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     sampler = ResumableBatches(order, start, total_steps, accelerator.process_index, accelerator.num_processes)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress and main)
+    pad = partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple)
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        dataset, batch_sampler=sampler, collate_fn=pad,
         num_workers=0 if cfg.preload else cfg.num_workers, pin_memory=on_gpu,
     )
     eval_records = load_records(cfg.eval_data)[: cfg.eval_records] if cfg.eval_data else []
@@ -267,7 +269,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
         div = dict(zip(("layer", "kl", "ce"), counts.clamp_min(1).tolist()))
         weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
-        chunks = micro_batches(batch, cfg.max_batch_tokens)
+        chunks = micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple)
         sums = torch.zeros(len(div) + 1, device=device, dtype=torch.float64)  # loss parts, then tokens
         try:
             for n, chunk in enumerate(chunks):
