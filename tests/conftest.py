@@ -4,6 +4,15 @@ import torch
 from matvlm.tiny import tiny_llava
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["phi", "llama"])
 def family(request):
     return request.param

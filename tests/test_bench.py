@@ -30,14 +30,6 @@ KV_PER_TOKEN_PER_LAYER = 2 * HEADS * HEAD_DIM * 4  # keys + values, float32
 COMMAND = "matvlm bench --shape tiny (test)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 SETTINGS = dict(ratios=(0.5,), lengths=(16, 32, 64), hf_max_length=32, contexts=(32, 64), memory_lengths=(16, 256),
                 batches=(1, 2), batch_context=32, decode_steps=4, ttft_repeats=2, memory_decode_tokens=4,
                 concurrent_length=256, memory_gib=0.01)

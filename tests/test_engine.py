@@ -29,14 +29,6 @@ from .conftest import make_prompt
 PAD = 3  # an ordinary token: its embedding is not zero, so pads that leak into a state would show
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a shared 2-core machine (thread spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def banned_tokens(config):
     return [config.image_token_index, config.text_config.eos_token_id]

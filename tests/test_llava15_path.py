@@ -48,14 +48,6 @@ HEADS = 4
 MIXER_LAYERS = [0, 2]  # ratio 0.5 of 4 layers, evenly placed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
