@@ -238,8 +238,10 @@ def distill(
                                              "help_option_names": []})
 def lmms_eval_command(ctx: typer.Context) -> None:
     """Run lmms-eval with the matvlm model registered (needs: pip install "matvlm\\[lmms]"); see docs/benchmarks.md."""
-    from matvlm.eval.lmms import main as lmms_main
-
+    try:
+        from matvlm.eval.lmms import main as lmms_main
+    except ImportError as err:
+        fail(str(err))
     sys.argv = ["matvlm lmms-eval", *ctx.args]
     lmms_main()
 
