@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hybrid Mamba-2/Transformer VLMs by distillation.")
@@ -16,7 +17,7 @@ console = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # messages hold [lists] that are not markup
     raise typer.Exit(code=2)
 
 
