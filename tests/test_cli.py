@@ -47,3 +47,20 @@ def test_convert_errors(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_error_messages_keep_their_brackets():
+    import typer
+    from typer.testing import CliRunner
+
+    from matvlm.cli import fail
+
+    app = typer.Typer()
+
+    @app.command()
+    def broken() -> None:
+        fail("missing tensors ['a.weight', 'b.bias'] (pip install \"matvlm[lmms]\")")
+
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    assert "['a.weight', 'b.bias']" in result.output and "matvlm[lmms]" in result.output
