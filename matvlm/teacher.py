@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from .training import (
     EpochOrder,
     check_same_run,
     ResumableBatches,
+    StagedOrder,
+    SubsetOrder,
     micro_batches,
     adamw_param_groups,
     list_checkpoints,
@@ -71,6 +73,8 @@ class TeacherConfig:
     final_eval_records: int = 0  # final evaluation on the first N (0: all)
     save_every: int = 500
     num_workers: int = 8
+    warmup_families: list[str] = field(default_factory=list)  # curriculum: the first warmup_steps batches
+    warmup_steps: int = 0  # come only from these families (e.g. caption), then the full mix
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     seed: int = 0
     bf16: bool = True
@@ -160,6 +164,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
+    if cfg.warmup_steps and cfg.warmup_families:
+        picked = [i for i, r in enumerate(train_records) if r.get("family") in set(cfg.warmup_families)]
+        if len(picked) < cfg.batch_size:
+            raise ValueError(f"warmup_families {cfg.warmup_families} match {len(picked)} training records, "
+                             f"fewer than one batch of {cfg.batch_size}")
+        order = StagedOrder(SubsetOrder(picked, dataset.lengths, cfg.batch_size, cfg.seed), cfg.warmup_steps, order)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress)
     loader = DataLoader(

@@ -90,11 +90,46 @@ class EpochOrder:
             epoch, offset = epoch + 1, 0
 
 
+class SubsetOrder:
+    """An `EpochOrder` over some of the records; yields indices into the whole data set."""
+
+    def __init__(self, indices: list[int], lengths: list[int], batch_size: int, seed: int):
+        self.indices = list(indices)
+        self.order = EpochOrder([lengths[i] for i in self.indices], batch_size, seed)
+        self.batch_size = batch_size
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[int, list[int]]]:
+        for number, batch in self.order.iterate(start_batch):
+            yield number, [self.indices[i] for i in batch]
+
+
+class StagedOrder:
+    """The first `first_steps` batches from `first` (a curriculum warm-up), then `then` forever.
+
+    Batch k is still a pure function of k, so a resumed run sees the batches an uninterrupted one would.
+    """
+
+    def __init__(self, first, first_steps: int, then):
+        if first.batch_size != then.batch_size:
+            raise ValueError("both stages must use the same batch size")
+        self.first, self.first_steps, self.then = first, first_steps, then
+        self.batch_size = then.batch_size
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[int, list[int]]]:
+        if start_batch < self.first_steps:
+            for number, batch in self.first.iterate(start_batch):
+                if number >= self.first_steps:
+                    break
+                yield number, batch
+        for number, batch in self.then.iterate(max(0, start_batch - self.first_steps)):
+            yield number + self.first_steps, batch
+
+
 class ResumableBatches(Sampler[list[int]]):
     """Batches `start` .. `stop - 1` of an `EpochOrder`; with several processes, each takes its share
     (rank k of n gets rows k, k + n, ...) of the same global batch."""
 
-    def __init__(self, order: EpochOrder, start: int, stop: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, order: "EpochOrder | StagedOrder", start: int, stop: int, rank: int = 0, world_size: int = 1):
         if order.batch_size % world_size:
             raise ValueError(f"batch size {order.batch_size} is not a multiple of the {world_size} processes")
         self.order, self.start, self.stop = order, start, stop

@@ -90,3 +90,12 @@ def test_preloaded_data_gives_the_same_run(world, tmp_path):
     train_teacher(tiny_cfg(world, plain, steps=4, save_every=4), progress=False)
     train_teacher(tiny_cfg(world, pre, steps=4, save_every=4, preload=True, num_workers=1), progress=False)
     torch.testing.assert_close(torch.tensor(history(plain)), torch.tensor(history(pre)), rtol=0, atol=0)
+
+
+def test_curriculum_warmup_on_some_families(world, tmp_path):
+    out = tmp_path / "cur"
+    train_teacher(tiny_cfg(world, out, steps=4, save_every=4, warmup_families=["caption", "attribute"], warmup_steps=2),
+                  progress=False)
+    assert len(history(out)) == 4
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_teacher(tiny_cfg(world, tmp_path / "none", warmup_families=["nope"], warmup_steps=2), progress=False)

@@ -116,3 +116,19 @@ def test_micro_batch_widths_round_up_to_the_multiple():
     chunks = micro_batches(batch, max_tokens=300, multiple=64)
     assert [c["input_ids"].shape[1] for c in chunks] == [128, 192]  # 70 -> 128 (rows 0-2 fit), 130 -> 192
     assert sum(int(c["attention_mask"].sum()) for c in chunks) == 70 + 5 + 3 + 130
+
+
+def test_staged_order_warms_up_on_a_subset_then_resumes_anywhere():
+    from matvlm.training import EpochOrder, StagedOrder, SubsetOrder
+
+    lengths = [5 + (i * 7) % 23 for i in range(40)]
+    subset = [i for i in range(40) if i % 4 == 0]
+    staged = StagedOrder(SubsetOrder(subset, lengths, 4, seed=1), 3, EpochOrder(lengths, 4, seed=1))
+    from itertools import islice
+
+    run = list(islice(staged.iterate(0), 12))
+    assert [n for n, _ in run] == list(range(12))
+    assert all(i in subset for _, batch in run[:3] for i in batch)  # warm-up: only the subset
+    assert any(i not in subset for _, batch in run[3:] for i in batch)  # then the full mix
+    for start in (0, 2, 3, 7):  # resuming at any batch gives the same batches
+        assert list(islice(staged.iterate(start), 12 - start)) == run[start:]
