@@ -339,3 +339,11 @@ def test_padding_widths_to_a_multiple_changes_nothing(tiny_teacher, tmp_path):
     torch.testing.assert_close(torch.tensor([r[1:5] for r in exact["history"]]),
                                torch.tensor([r[1:5] for r in padded["history"]]), rtol=1e-4, atol=1e-6)
     assert [r[7] for r in exact["history"]] == [r[7] for r in padded["history"]]  # tokens count real ones only
+
+
+def test_layer_loss_alone_leaves_the_connector_frozen(teacher):
+    d = Distiller(teacher, to_hybrid(teacher, ratio=0.5), LossSettings(alpha_layer=1.0, beta_kl=0.0, gamma_ce=0.0))
+    assert not d.train_connector
+    parts = d(**_batch(teacher.config))
+    parts["layer"].backward()
+    assert all(p.grad is not None for p in d.parameters() if p.requires_grad)  # no trained tensor without a gradient

@@ -98,18 +98,20 @@ class Distiller(nn.Module):
         losses.check()
         self.student = student
         self.losses = losses
-        self.train_connector = train_connector
+        # The layer loss alone never reaches the connector (it starts from the teacher's hidden states):
+        # training it would leave parameters without gradients, which DDP rejects.
+        self.train_connector = train_connector and (losses.beta_kl > 0 or losses.gamma_ce > 0)
         self.mixer_layers = list(student.config.mamba_layers)
         t_layers = teacher.model.language_model.layers
         # The teacher's own attention for each mixer layer, and its own connector when the student's trains.
         self.teacher_attention = nn.ModuleDict({str(i): t_layers[i].self_attn for i in self.mixer_layers})
-        self.teacher_projector = copy.deepcopy(teacher.model.multi_modal_projector) if train_connector else None
+        self.teacher_projector = copy.deepcopy(teacher.model.multi_modal_projector) if self.train_connector else None
         self.image_token_id = student.config.image_token_id
         for p in self.parameters():
             p.requires_grad_(False)
         for mixer in student.mixers().values():
             mixer.requires_grad_(True)
-        if train_connector:
+        if self.train_connector:
             student.model.multi_modal_projector.requires_grad_(True)
         self.train()
 
