@@ -342,3 +342,11 @@ def test_cuda_graph_decode_equals_eager(model, dtype):
         ref = m.generate(input_ids=p_ids.cuda(), pixel_values=p_px.cuda(), attention_mask=torch.ones_like(p_ids).cuda(),
                          max_new_tokens=40, do_sample=False, suppress_tokens=banned_tokens(config))
         assert torch.equal(graph.generate(p_ids, None, p_px, **kw).tokens[0], ref[0, p_ids.shape[1]:].cpu())
+
+
+def test_timing_decode_steps_at_a_context(hybrid):
+    engine = Engine(hybrid, max_batch_size=2, max_seq_len=64, use_cuda_graph=False)
+    seconds = engine.time_decode_steps(batch=2, context=40, steps=4, token_id=5)
+    assert seconds > 0 and engine.positions[:2].tolist() == [40 + 2 + 4] * 2  # warm-up steps, then the timed ones
+    with pytest.raises(ValueError, match="exceed max_seq_len 64"):
+        engine.time_decode_steps(batch=1, context=60, steps=4, token_id=5)

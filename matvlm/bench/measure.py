@@ -115,25 +115,11 @@ def _timed_decode(model: nn.Module, context: int, batch: int, steps: int, use_cu
     `context` without a prefill: a step costs the same whatever the cached values are. Greedy choice of
     the next token is included, as in `Engine.generate`.
     """
-    device = _model_device(model)
     total = context + warm + steps
     eng = Engine(model, batch, total, use_cuda_graph=use_cuda_graph, min_kv_bucket=total)
-    eng.warmup(batch)
-    eng.key_valid[:batch].zero_()
-    eng.key_valid[:batch, :context] = True
-    eng.positions[:batch] = context
-    eng.tokens[:batch] = _ordinary_id_range(model)[0]
-    for s in range(warm + steps):
-        if s == warm:
-            _sync(device)
-            began = time.perf_counter()
-        logits = eng._decode(batch, context + s)
-        eng.tokens[:batch].copy_(logits.argmax(-1))
-        eng.positions[:batch] += 1
-    _sync(device)
-    seconds = time.perf_counter() - began
+    seconds = eng.time_decode_steps(batch, context, steps, _ordinary_id_range(model)[0], warm=warm)
     cache = eng.cache_nbytes().total
-    del eng, logits
+    del eng
     return {"seconds": seconds, "tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
             "kv_slots": total, "cache_bytes": cache}
 

@@ -413,6 +413,31 @@ class Engine:
         return generate_text(self, processor, images, prompts, template=template, **generate_kwargs)
 
     # ------------------------------------------------------------------ memory
+    @torch.no_grad()
+    def time_decode_steps(self, batch: int, context: int, steps: int, token_id: int, warm: int = 2) -> float:
+        """Seconds for `steps` greedy decode steps of `batch` rows whose cache holds `context` tokens.
+
+        For benchmarks: the cache is marked valid up to `context` without a prefill (a step costs the same
+        whatever the cached values are), so long contexts are measured without the prefill's time.
+        """
+        if context + warm + steps > self.max_seq_len:
+            raise ValueError(f"context {context} + {warm + steps} steps exceed max_seq_len {self.max_seq_len}")
+        self.warmup(batch)
+        self.key_valid[:batch].zero_()
+        self.key_valid[:batch, :context] = True
+        self.positions[:batch] = context
+        self.tokens[:batch] = token_id
+        began = 0.0
+        for s in range(warm + steps):
+            if s == warm:
+                self._sync()
+                began = time.perf_counter()
+            logits = self._decode(batch, context + s)
+            self.tokens[:batch].copy_(logits.argmax(-1))
+            self.positions[:batch] += 1
+        self._sync()
+        return time.perf_counter() - began
+
     def cache_nbytes(self) -> CacheBytes:
         """Bytes this engine's static cache holds (KV and mixer state)."""
         return self.cache.nbytes()
