@@ -262,18 +262,18 @@ def eval_command(
 ) -> None:
     """Evaluate a model on held-out records: per-family scores, a table and a JSON file."""
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from matvlm.data.llava import BadRecordError, DataError, load_records
     from matvlm.eval.report import results_table, write_json_atomic
     from matvlm.eval.runner import evaluate, guess_template, read_model_info
-    from matvlm.io import load_vlm
+    from matvlm.io import load_image_processor, load_vlm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = load_vlm(model_dir, device=device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")  # as in training
+        image_processor = load_image_processor(model_dir)
         loaded = load_records(data, skip_bad=skip_bad)
         records, problems = loaded if skip_bad else (loaded, [])
     except (ValueError, FileNotFoundError, OSError) as err:

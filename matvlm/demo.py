@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .convert import summarize_conversion, to_hybrid
+from .convert import summarize_conversion
 from .data.llava import load_records
 from .data.synth import generate_world
 from .distill import DistillConfig, distill
 from .eval.runner import evaluate, read_model_info
-from .io import load_vlm
+from .io import load_processor, load_vlm
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
 
@@ -117,9 +116,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                       resume=True)
 
     _say("4. evaluating teacher and hybrid on the held-out records")
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(teacher_dir)
+    processor = load_processor(teacher_dir)
     template = read_model_info(hybrid_dir).get("template")
     records = load_records(world / "test.json")
     teacher = load_vlm(teacher_dir)
@@ -133,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     _say("5. generation speed and cache memory")
     image_tokens = teacher.config.image_seq_length
     speed = {name: decode_speed(m, image_tokens) for name, m in (("teacher", teacher), ("hybrid", hybrid))}
-    conv = summarize_conversion(teacher, to_hybrid(teacher, ratio=cfg.ratio))
+    conv = summarize_conversion(teacher, hybrid)
     contexts = [512, 2048, 8192, 32768]
     cache = {n: conv.cache_bytes(n) for n in contexts}
     report = write_report(out, cfg, teacher_dir, trained, steps, summary, scores, speed, cache, hybrid_dir)

@@ -61,6 +61,21 @@ def load_vlm(path: str | Path, dtype=None, device: str | None = None) -> PreTrai
     return model.eval()
 
 
+def load_processor(path: str | Path):
+    """The model directory's LlavaProcessor, its image processor on the PIL backend that training used
+    (with torchvision installed, transformers would switch to torchvision's resize, which differs)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, backend="pil")
+
+
+def load_image_processor(path: str | Path):
+    """The model directory's image processor on the PIL backend (see `load_processor`)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path, backend="pil")
+
+
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy tokenizer / processor / template files of a model directory (not its weights or config)."""
     copied = []

@@ -165,7 +165,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     if cfg.warmup_steps and cfg.warmup_families:
-        picked = [i for i, r in enumerate(train_records) if r.get("family") in set(cfg.warmup_families)]
+        families = set(cfg.warmup_families)
+        picked = [i for i, r in enumerate(train_records) if r.get("family") in families]
         if len(picked) < cfg.batch_size:
             raise ValueError(f"warmup_families {cfg.warmup_families} match {len(picked)} training records, "
                              f"fewer than one batch of {cfg.batch_size}")

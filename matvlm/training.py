@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -223,8 +224,6 @@ def save_checkpoint(
 
 def check_same_run(saved_config: str | Path, config, resumable: set[str]) -> None:
     """Refuse to resume a run whose options (a dataclass) changed, except those in `resumable`."""
-    from dataclasses import asdict
-
     saved_config = Path(saved_config)
     if not saved_config.exists():
         return

@@ -271,13 +271,12 @@ class Distiller(nn.Module):
     def normalizers(self, attention_mask: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor) -> dict[str, float]:
         """What each loss sum is divided by, for a whole (global) batch."""
         n_seq = float(attention_mask.shape[0])
+        n_answer = float((labels[:, 1:] != -100).sum())
         if self.losses.normalize == "sequence":
-            return {"layer": n_seq, "kl": n_seq, "ce": float((labels[:, 1:] != -100).sum())}
-        layer_div = float(attention_mask.sum()) * len(self.mixer_layers)
-        if self.losses.layer_loss == "frobenius":
-            layer_div = n_seq
+            return {"layer": n_seq, "kl": n_seq, "ce": n_answer}
+        per_token_layer = self.losses.layer_loss == "mse"
         return {
-            "layer": layer_div,
+            "layer": float(attention_mask.sum()) * len(self.mixer_layers) if per_token_layer else n_seq,
             "kl": float(self.kl_positions(input_ids, attention_mask, labels).sum()),
-            "ce": float((labels[:, 1:] != -100).sum()),
+            "ce": n_answer,
         }

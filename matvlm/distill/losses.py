@@ -40,11 +40,11 @@ def logit_losses(
     for start in range(0, student_h.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         s, t, m = student_h[rows], teacher_h[rows], kl_targets[rows]
-        fn = _chunk_logit_losses
+        args = (head, s, t, m, ce_targets[rows], temperature)
         if s.requires_grad:  # recompute the chunk's logits in backward instead of keeping them
-            kl, ce = checkpoint(fn, head, s, t, m, ce_targets[rows], temperature, use_reentrant=False)
+            kl, ce = checkpoint(_chunk_logit_losses, *args, use_reentrant=False)
         else:
-            kl, ce = fn(head, s, t, m, ce_targets[rows], temperature)
+            kl, ce = _chunk_logit_losses(*args)
         kl_total = kl_total + kl
         ce_total = ce_total + ce
     return kl_total, ce_total

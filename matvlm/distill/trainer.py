@@ -26,7 +26,7 @@ from ..data.preload import PreloadedDataset
 from ..data.llava import SupervisedDataset, collate, load_records
 from ..eval.report import write_json_atomic
 from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_info
-from ..io import atomic_directory, copy_side_files, load_vlm
+from ..io import atomic_directory, copy_side_files, load_processor, load_vlm
 from ..training import (
     EpochOrder,
     check_same_run,
@@ -208,9 +208,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     distiller.train()
 
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(cfg.teacher)
+    processor = load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
     template = cfg.template or read_model_info(cfg.teacher).get("template") or guess_template(tokenizer)
     records = load_records(cfg.data)
@@ -258,6 +256,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.bf16)
     step, tokens, began = start, 0, time.perf_counter()
     trained_params = [p for g in optimizer.param_groups for p in g["params"]]
+    weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
 
     for batch in loader:
         lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, shape=cfg.schedule)
@@ -266,9 +265,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         # Each loss is divided by its count over the whole global batch (all processes, all micro-batches);
         # DDP averages gradients over processes, so each process scales its sums by the process count.
         counts = distiller.normalizers(batch["attention_mask"], batch["labels"], batch["input_ids"])
-        counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
-        div = dict(zip(("layer", "kl", "ce"), counts.clamp_min(1).tolist()))
-        weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
+        global_counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
+        div = dict(zip(counts, global_counts.clamp_min(1).tolist()))
         chunks = micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple)
         sums = torch.zeros(len(div) + 1, device=device, dtype=torch.float64)  # loss parts, then tokens
         try:

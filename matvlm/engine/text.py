@@ -128,10 +128,10 @@ def generate_command(
     the token counts and the timing. Raises ValueError / FileNotFoundError / OSError with a message
     that names the problem (bad model directory, image, dtype, sampling option, length).
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..eval.runner import guess_template, read_model_info
-    from ..io import load_vlm
+    from ..io import load_image_processor, load_vlm
 
     # Cheap checks first: a typo should not cost a model load.
     SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k)
@@ -141,7 +141,7 @@ def generate_command(
     torch_dtype = parse_dtype(dtype, device)
     model = load_vlm(model_dir, dtype=torch_dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")  # as in training
+    image_processor = load_image_processor(model_dir)
     template = template or read_model_info(model_dir).get("template") or guess_template(tokenizer)
     item = prompt_inputs(tokenizer, image_processor, prompt, image, template, model.config.image_seq_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

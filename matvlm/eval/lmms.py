@@ -76,10 +76,10 @@ class MaTVLM(lmms):
                 f"unknown model args for --model {MODEL_NAME}: {', '.join(sorted(unknown))}; "
                 "known: pretrained, device, dtype, batch_size, template, max_new_tokens"
             )
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from ..data.tokenizer import check_tokenizer
-        from ..io import load_vlm
+        from ..io import load_image_processor, load_vlm
 
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by the matvlm model; give a number (--batch_size 16)")
@@ -96,7 +96,7 @@ class MaTVLM(lmms):
         self._device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         # PIL backend, as training and `matvlm eval` (lmms-eval installs torchvision, whose resize differs).
-        self.image_processor = AutoImageProcessor.from_pretrained(pretrained, backend="pil")
+        self.image_processor = load_image_processor(pretrained)
         check_tokenizer(self.tokenizer, image_token=IMAGE_TOKEN)
         self.template = template or read_model_info(pretrained).get("template") or guess_template(self.tokenizer)
         self.chat = replace(get_template(self.template), image_token=_NO_PLACEHOLDER)
