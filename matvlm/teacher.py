@@ -148,7 +148,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         train_records, images, tokenizer, image_processor, cfg.template,
         num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
     )
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
     start, history = 0, []
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:
@@ -173,16 +174,32 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         order = StagedOrder(SubsetOrder(picked, dataset.lengths, cfg.batch_size, cfg.seed), cfg.warmup_steps, order)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress)
+    # Preloaded items are shared with forked workers; padding a batch of 128 still costs the main process
+    # more than a small model's step on the GPU, so collation stays in workers either way.
+    workers = min(cfg.num_workers, 4) if cfg.preload else cfg.num_workers
     loader = DataLoader(
         dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=0 if cfg.preload else cfg.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=8 if workers else None,
     )
     eval_subset = test_records[: cfg.eval_records]
     log_path = run_dir / "log.csv"
     bar = tqdm(total=cfg.steps, initial=start, desc="teacher", disable=not progress)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     step, tokens, began = start, 0, time.perf_counter()
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # read back in groups: no sync per step
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending]).tolist()
+        for (at, _, _, batch_tokens), (loss_value, norm_value) in zip(pending, values):
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {at}; lower --lr")
+            history.append([at, loss_value, norm_value, batch_tokens])
+        pending.clear()
+        bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
+
     model.train()
     for batch in loader:
         for group in optimizer.param_groups:
@@ -202,18 +219,18 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         step += 1
         batch_tokens = int(batch["attention_mask"].sum())
         tokens += batch_tokens
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
-        history.append([step, loss_value, float(grad_norm), batch_tokens])
+        pending.append((step, loss, grad_norm, batch_tokens))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
         stopping = stop_at is not None and step >= stop_at
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+        saving = step % cfg.save_every == 0 or step == cfg.steps or stopping
+        evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+        if len(pending) >= 25 or saving or evaluating:
+            flush()
+        if saving:
             save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if evaluating:
             res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
             bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
                 f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
