@@ -160,6 +160,24 @@ def teacher(
     console.print(results_table(results, title=f"teacher held-out scores ({out})"))
 
 
+@app.command("teacher-export")
+def teacher_export(
+    run_dir: Path = typer.Argument(..., help="A teacher run folder (OUT.run/: config.json, tokenizer/, checkpoints)."),
+    out: Path = typer.Argument(..., help="Output model directory (HF Llava + processor + held-out scores)."),
+    weights: Path = typer.Option(None, help="A safetensors file of the run's weights to use instead of its last checkpoint."),
+    data: Path = typer.Option(None, help="World directory, if not the one the run recorded."),
+) -> None:
+    """Write a teacher from a run that has not finished (its last checkpoint), evaluated on the held-out set."""
+    from matvlm.eval.report import results_table
+    from matvlm.teacher import export_teacher
+
+    try:
+        results = export_teacher(run_dir, out, weights=weights, data=data)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    console.print(results_table(results, title=f"teacher held-out scores ({out})"))
+
+
 @app.command("import-tinyllava")
 def import_tinyllava_command(
     src_dir: Path = typer.Argument(..., help="TinyLLaVA_Factory checkpoint directory (config.json with model_type 'tinyllava')."),

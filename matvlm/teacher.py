@@ -142,7 +142,6 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     model = build_teacher(cfg, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
 
     dataset = SupervisedDataset(
         train_records, images, tokenizer, image_processor, cfg.template,
@@ -241,18 +240,30 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     bar.close()
     train_seconds = time.perf_counter() - began
 
+    return finish_teacher(model, cfg, tokenizer, image_processor, history, train_seconds, progress=progress)
+
+
+def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, history: list, train_seconds: float | None,
+                   progress: bool = True, note: str | None = None) -> dict:
+    """Evaluate on the held-out set and write cfg.out atomically: HF Llava checkpoint, processor, scores."""
+    data, out = Path(cfg.data), Path(cfg.out)
+    device = next(model.parameters()).device
     model.eval()
+    test_records = load_records(data / "test.json")
     final_records = test_records[: cfg.final_eval_records] if cfg.final_eval_records else test_records
-    results = evaluate(model, tokenizer, image_processor, final_records, images, cfg.template, batch_size=128, progress=progress)
+    results = evaluate(model, tokenizer, image_processor, final_records, [data / "images"], cfg.template,
+                       batch_size=128, progress=progress)
     world = json.loads((data / "world.json").read_text()) if (data / "world.json").exists() else {}
     info = {
         "template": cfg.template,
-        "parameters": n_params,
-        "train_steps": cfg.steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_steps": history[-1][0] if history else 0,
         "train_tokens": sum(row[3] for row in history),
         "world": {k: world.get(k) for k in ("generator_version", "seed", "image_size", "counts")},
         "config": asdict(cfg),
     }
+    if note:
+        info["note"] = note
     with atomic_directory(out, overwrite=True) as tmp:
         model.to(getattr(torch, cfg.save_dtype)).save_pretrained(tmp)
         processor = LlavaProcessor(
@@ -265,3 +276,45 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         summary.update(train_seconds=train_seconds, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
         write_json_atomic(tmp / "heldout_scores.json", summary)
     return results
+
+
+def export_teacher(run_dir: str | Path, out: str | Path, weights: str | Path | None = None, data: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """Write a teacher from a run that has not finished: its config, tokenizer and latest checkpoint (or a
+    safetensors file of its weights, e.g. brought back from another machine), evaluated on the held-out set."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.json'} not found: is {run_dir} a teacher run folder (OUT.run)?")
+    cfg = TeacherConfig(**json.loads((run_dir / "config.json").read_text()))
+    cfg.out = str(out)
+    if data is not None:
+        cfg.data = str(data)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    model = build_teacher(cfg, tokenizer)
+    history = []
+    if weights is not None:
+        from safetensors import safe_open
+
+        tensors = load_file(str(weights))
+        with safe_open(str(weights), "pt") as f:
+            step = int((f.metadata() or {}).get("step", 0))
+        if (run_dir / "log.csv").exists():
+            with open(run_dir / "log.csv") as f:
+                rows = list(csv.reader(f))[1:]
+            history = [[int(r[0]), float(r[1]), float(r[2]), int(r[3])] for r in rows if int(r[0]) <= step]
+        source = f"weights {weights} (step {step})"
+    else:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to export")
+        tensors, _, meta = load_checkpoint(checkpoints[-1])
+        history, step, source = meta["history"], meta["step"], f"checkpoint {checkpoints[-1]}"
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the run's model: missing {missing}, unexpected {unexpected}")
+    note = f"exported from {source} of a {cfg.steps}-step run, before its end"
+    return finish_teacher(model, cfg, tokenizer, build_image_processor(cfg.image_size), history, None,
+                          progress=progress, note=note)

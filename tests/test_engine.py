@@ -350,3 +350,31 @@ def test_timing_decode_steps_at_a_context(hybrid):
     assert seconds > 0 and engine.positions[:2].tolist() == [40 + 2 + 4] * 2  # warm-up steps, then the timed ones
     with pytest.raises(ValueError, match="exceed max_seq_len 64"):
         engine.time_decode_steps(batch=1, context=60, steps=4, token_id=5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager(hybrid):
+    """torch.compile of the decode step (what the GPU graphs capture with compile_step) changes no token."""
+    config = hybrid.config
+    ids, mask, pixels = left_padded(config, three_prompts(config))
+    kw = dict(max_new_tokens=12, suppress_tokens=banned_tokens(config), return_logits=True)
+    eager = Engine(hybrid, max_batch_size=4, max_seq_len=64, use_cuda_graph=False, min_kv_bucket=32)
+    compiled = Engine(hybrid, max_batch_size=4, max_seq_len=64, use_cuda_graph=False, min_kv_bucket=32, compile_step=True)
+    a, b = eager.generate(ids, mask, pixels, **kw), compiled.generate(ids, mask, pixels, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_equals_eager(hybrid):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = type(hybrid)(hybrid.config).to("cuda", torch.float32).eval()
+    m.load_state_dict(hybrid.state_dict())
+    ids, mask, pixels = left_padded(m.config, three_prompts(m.config))
+    kw = dict(max_new_tokens=40, suppress_tokens=banned_tokens(m.config), return_logits=True)
+    eager = Engine(m, max_batch_size=4, max_seq_len=96, use_cuda_graph=False, min_kv_bucket=16)
+    graph = Engine(m, max_batch_size=4, max_seq_len=96, use_cuda_graph=True, min_kv_bucket=16, compile_step=True)
+    a, b = eager.generate(ids, mask, pixels, **kw), graph.generate(ids, mask, pixels, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)

@@ -99,3 +99,31 @@ def test_curriculum_warmup_on_some_families(world, tmp_path):
     assert len(history(out)) == 4
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_teacher(tiny_cfg(world, tmp_path / "none", warmup_families=["nope"], warmup_steps=2), progress=False)
+
+
+def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_path):
+    from safetensors.torch import save_file
+
+    from matvlm.teacher import export_teacher
+
+    out = tmp_path / "e"
+    train_teacher(tiny_cfg(world, out), progress=False, stop_at=4)
+    run_dir = tmp_path / "e.run"
+    results = export_teacher(run_dir, tmp_path / "from_ckpt", progress=False)
+    info = json.loads((tmp_path / "from_ckpt" / "matvlm.json").read_text())
+    assert info["train_steps"] == 4 and "before its end" in info["note"] and results["n"] == 3
+    tensors, _, _ = load_checkpoint(list_checkpoints(run_dir)[-1])
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "from_ckpt")
+    key = "model.language_model.embed_tokens.weight"
+    torch.testing.assert_close(model.state_dict()[key].float(), tensors[key].to(torch.bfloat16).float())
+
+    weights = tmp_path / "w.safetensors"  # as brought back from another machine: weights only, bf16
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(weights), metadata={"step": "4"})
+    export_teacher(run_dir, tmp_path / "from_file", weights=weights, progress=False)
+    assert json.loads((tmp_path / "from_file" / "matvlm.json").read_text())["train_steps"] == 4
+    del tensors[key]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+    with pytest.raises(ValueError, match="missing"):
+        export_teacher(run_dir, tmp_path / "bad", weights=weights, progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher run folder"):
+        export_teacher(tmp_path, tmp_path / "bad", progress=False)

@@ -109,6 +109,8 @@ class Engine:
     dtype: the dtype to run in; when it differs from the model's, the model is converted in place.
     use_cuda_graph: "auto" (on CUDA devices), True (CUDA only) or False (eager everywhere).
     min_kv_bucket: the smallest KV length bucket (see `kv_buckets`).
+    compile_step: torch.compile the decode step (one compile per batch size and KV bucket) before the
+        CUDA graph captures it: fuses the step's many small elementwise kernels.
     The model is put in eval mode.
     """
 
@@ -120,6 +122,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         use_cuda_graph: bool | str = "auto",
         min_kv_bucket: int = 256,
+        compile_step: bool = False,
     ):
         layers = decoder_layers(model)
         if max_batch_size < 1 or max_seq_len < 2:
@@ -166,6 +169,12 @@ class Engine:
         self.key_valid = torch.zeros(max_batch_size, max_seq_len, dtype=torch.bool, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self._step_fn, self._compiled = self._step, compile_step
+        if compile_step:
+            # Every (batch, bucket) is its own compiled graph: allow as many as there can be.
+            limit = len(self.buckets) * max_batch_size + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self._step_fn = torch.compile(self._step, dynamic=False)
 
     # ------------------------------------------------------------------ the decode step
     def _step(self, batch: int, kv_len: int) -> torch.Tensor:
@@ -192,7 +201,7 @@ class Engine:
         self.cache.slot.fill_(slot)
         kv_len = self._bucket(slot)
         if not self.use_cuda_graph:
-            return self._step(batch, kv_len)
+            return self._step_fn(batch, kv_len)
         graph, logits = self._graphs[(batch, kv_len)]
         graph.replay()
         return logits
@@ -213,11 +222,12 @@ class Engine:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
-                self._step(batch_size, kv_len)
+                for _ in range(2 if self._compiled else 1):  # the first call compiles
+                    self._step_fn(batch_size, kv_len)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step(batch_size, kv_len)
+                logits = self._step_fn(batch_size, kv_len)
             self._graphs[(batch_size, kv_len)] = (graph, logits)
 
     # ------------------------------------------------------------------ prefill
