@@ -60,7 +60,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
                                "--resume"], stdout=log, stderr=subprocess.STDOUT)
     result = {"name": name, "overrides": overrides, "returncode": proc.returncode, "seconds": time.time() - began}
     if proc.returncode == 0:
-        result["eval"] = evaluate(out / "hybrid", args)
+        result["eval"] = evaluate(out / "hybrid", args, out / "eval.json")
         with open(out / "hybrid" / "log.csv") as f:
             rows = list(csv.DictReader(f))
         result["log"] = {k: [float(r[k]) for r in rows] for k in ("step", "loss", "layer", "kl", "ce", "tokens")}
@@ -69,8 +69,9 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     return result
 
 
-def evaluate(model_dir: Path, args) -> dict:
-    out = Path(model_dir) / "eval.json"
+def evaluate(model_dir: Path, args, out: Path) -> dict:
+    """Scores of `model_dir` on the first eval_records held-out records, written to `out` (never into a
+    model directory that is not this run's: the teacher may be the shipped one)."""
     subprocess.run([sys.executable, "-m", "matvlm.cli", "eval", str(model_dir), "--data", str(Path(args.world) / "test.json"),
                     "--limit", str(args.eval_records), "--batch-size", "256", "--out", str(out)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
@@ -81,9 +82,10 @@ def evaluate(model_dir: Path, args) -> dict:
 
 def run(args) -> None:
     names = [n for n in VARIANTS if not args.only or slug(n) in args.only.split(",")]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     teacher_info = json.loads((Path(args.teacher) / "matvlm.json").read_text())
     results = {"teacher": {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
-                           "eval": evaluate(Path(args.teacher), args)},
+                           "eval": evaluate(Path(args.teacher), args, Path(args.out) / "teacher_eval.json")},
                "settings": vars(args), "device": device_name(), "variants": []}
     with ThreadPoolExecutor(args.parallel) as pool:
         results["variants"] = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args), names))

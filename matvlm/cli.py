@@ -142,6 +142,7 @@ def teacher(
     lr: float = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(None, help="Seed for init and data order."),
     num_workers: int = typer.Option(None, help="Data loader workers."),
+    init_from: Path = typer.Option(None, help="Start from this teacher's weights and tokenizer (e.g. to train the shipped one further)."),
     resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT.run/ if there is one."),
 ) -> None:
     """Train a small LLaVA teacher from scratch (progress bar, periodic eval, atomic checkpoints, resume)."""
@@ -149,7 +150,8 @@ def teacher(
     from matvlm.teacher import TeacherConfig, train_teacher
 
     fields = json.loads(config.read_text()) if config else {}
-    overrides = dict(family=family, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers)
+    overrides = dict(family=family, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers,
+                     init_from=str(init_from) if init_from else None)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields.update(data=str(data), out=str(out))
     try:

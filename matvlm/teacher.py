@@ -76,6 +76,7 @@ class TeacherConfig:
     warmup_families: list[str] = field(default_factory=list)  # curriculum: the first warmup_steps batches
     warmup_steps: int = 0  # come only from these families (e.g. caption), then the full mix
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
+    init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
     bf16: bool = True
     save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
@@ -112,6 +113,19 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
 RESUMABLE_CHANGES = {"num_workers", "preload", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
+def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
+    """Start from another teacher's weights (e.g. the shipped one, to train it further)."""
+    # from_pretrained maps the saved key layout onto the current one.
+    tensors = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    bad = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"init_from {source} does not fit this config: shapes differ for {bad[:5]}, "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
 def conversation_texts(records: list[dict]):
     for record in records:
         for turn in record["conversations"]:
@@ -131,10 +145,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     images = [data / "images"]
 
     tok_dir = run_dir / "tokenizer"
-    if (tok_dir / "tokenizer_config.json").exists():
+    if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
+        raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
+    if (tok_dir / "tokenizer_config.json").exists() or cfg.init_from:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir if tok_dir.exists() else cfg.init_from)
+        tokenizer.save_pretrained(tok_dir)
     else:
         tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template)
         tokenizer.save_pretrained(tok_dir)
@@ -153,6 +170,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; resume it, or delete that folder to start over")
+    if cfg.init_from and not checkpoints:
+        init_weights(model, cfg.init_from)
     if checkpoints:
         check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
         tensors, state, meta = load_checkpoint(checkpoints[-1])

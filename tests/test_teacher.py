@@ -127,3 +127,19 @@ def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_
         export_teacher(run_dir, tmp_path / "bad", weights=weights, progress=False)
     with pytest.raises(FileNotFoundError, match="teacher run folder"):
         export_teacher(tmp_path, tmp_path / "bad", progress=False)
+
+
+def test_init_from_an_existing_teacher(world, tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train_teacher(tiny_cfg(world, first, save_dtype="float32"), progress=False)
+    again = tmp_path / "again"  # lr 0: the weights must come through unchanged
+    train_teacher(tiny_cfg(world, again, init_from=str(first), lr=0.0, save_dtype="float32"), progress=False)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history(again)[0][1] < history(first)[0][1]  # starts from the trained loss, not from scratch
+    with pytest.raises(ValueError, match="does not fit this config"):
+        train_teacher(tiny_cfg(world, tmp_path / "wide", init_from=str(first), hidden=48), progress=False)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_teacher(tiny_cfg(world, tmp_path / "none", init_from=str(tmp_path)), progress=False)

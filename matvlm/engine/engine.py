@@ -170,6 +170,12 @@ class Engine:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self._step_fn, self._compiled = self._step, compile_step
+        if compile_step and self.use_cuda_graph and (len(self.buckets) > 1 or max_batch_size > 1):
+            # Measured on an H100 (torch 2.11): inductor fails on the in-place cache writes when the step
+            # sees a slice of the cache (fewer rows than allocated, or a smaller KV bucket).
+            raise NotImplementedError(
+                "compile_step with CUDA graphs needs max_batch_size=1 and one KV bucket "
+                "(min_kv_bucket=max_seq_len); compiled steps over cache slices fail in inductor")
         if compile_step:
             # Every (batch, bucket) is its own compiled graph: allow as many as there can be.
             limit = len(self.buckets) * max_batch_size + 8
