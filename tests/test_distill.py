@@ -264,12 +264,15 @@ import json, sys
 from matvlm.distill import DistillConfig, distill
 cfg = DistillConfig(**json.loads(sys.argv[1]))
 summary = distill(cfg, progress=False)
+import torch.distributed as dist
+print("PROCESSES", dist.get_world_size() if dist.is_initialized() else 1)
 print("HISTORY", json.dumps([row[:5] for row in summary["history"]]))
 """
 
 
 def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
     """DDP through `accelerate launch` (2 CPU processes, gloo) at the same global batch: same losses."""
+    import os
     import subprocess
     import sys
     from dataclasses import asdict
@@ -279,10 +282,15 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
     curves = []
     for n in (1, 2):
         cfg = asdict(_cfg(tiny_teacher, tmp_path / f"out{n}", steps=3, save_every=3))
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+        # `--cpu` alone starts one process whatever --num_processes says; torchrun (--multi_gpu) with
+        # ACCELERATE_USE_CPU starts n gloo processes.
+        mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        proc = subprocess.run([*launch, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=300)
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run([*launch, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"PROCESSES {n}" in proc.stdout, proc.stdout[-2000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]
         curves.append(json.loads(line.split(" ", 1)[1]))
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-6, atol=1e-8)
