@@ -81,15 +81,25 @@ def evaluate(model_dir: Path, args, out: Path) -> dict:
 
 
 def run(args) -> None:
+    """Run the chosen variants; results.json keeps the variants of earlier calls (`--only` splits a suite)."""
     names = [n for n in VARIANTS if not args.only or slug(n) in args.only.split(",")]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    teacher_info = json.loads((Path(args.teacher) / "matvlm.json").read_text())
-    results = {"teacher": {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
-                           "eval": evaluate(Path(args.teacher), args, Path(args.out) / "teacher_eval.json")},
-               "settings": vars(args), "device": device_name(), "variants": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    if earlier and earlier["settings"]["teacher"] == args.teacher:
+        teacher = earlier["teacher"]
+    else:
+        teacher_info = json.loads((Path(args.teacher) / "matvlm.json").read_text())
+        teacher = {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
+                   "eval": evaluate(Path(args.teacher), args, out / "teacher_eval.json")}
+        earlier = None
     with ThreadPoolExecutor(args.parallel) as pool:
-        results["variants"] = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args), names))
-    path = Path(args.out) / "results.json"
+        fresh = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args), names))
+    kept = [v for v in (earlier or {}).get("variants", []) if v["name"] not in names]
+    order = list(VARIANTS)
+    variants = sorted(kept + fresh, key=lambda v: order.index(v["name"]) if v["name"] in order else len(order))
+    results = {"teacher": teacher, "settings": vars(args), "device": device_name(), "variants": variants}
     path.write_text(json.dumps(results, indent=1))
     print("wrote", path)
 

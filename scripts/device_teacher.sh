@@ -1,5 +1,8 @@
-# On the GPU machine: generate the synthetic world and train the shipped teacher (configs/teacher.json).
-# Usage: bash scripts/device_teacher.sh [CONFIG]. Results (model, log, scores) are tarred into $OUT.
+# On the GPU machine: generate the synthetic world and train a teacher (configs/teacher.json by default).
+# Usage: bash scripts/device_teacher.sh [CONFIG]. A call stops after 9 minutes; the next call on the same warm
+# machine resumes from runs/teacher.run/. Each call also brings back the latest weights (weights.safetensors,
+# bf16) and the run's config, tokenizer and log, so that a fresh machine can go on with
+# `matvlm teacher --init-from` (fresh optimizer) and this machine's `matvlm teacher-export` can write a teacher.
 set -o pipefail
 source scripts/device_setup.sh
 CFG=${1:-configs/teacher.json}
@@ -9,3 +12,15 @@ timeout 540 python3 -m matvlm.cli teacher --data runs/world --out runs/teacher -
   | tr '\r' '\n' | tee "$OUT/teacher_stdout.txt" | grep -E "step [0-9]+:|rror|resum|│|┃|teacher: +[0-9]+%.*[05]00/" || true
 if [ -f runs/teacher/heldout_scores.json ]; then tar czf "$OUT/teacher.tar.gz" -C runs teacher teacher.run/log.csv; fi
 cp runs/teacher.run/log.csv "$OUT/teacher_log.csv" 2>/dev/null || true
+python3 - <<'PY' || true
+import os, torch
+from safetensors.torch import save_file
+from matvlm.training import list_checkpoints, load_checkpoint
+ckpts = list_checkpoints("runs/teacher.run")
+if ckpts:
+    tensors, _, meta = load_checkpoint(ckpts[-1])
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+              os.environ["OUT"] + "/weights.safetensors", metadata={"step": str(meta["step"])})
+    print("weights of step", meta["step"], "in $OUT/weights.safetensors")
+PY
+tar czf "$OUT/run_meta.tgz" -C runs teacher.run/config.json teacher.run/tokenizer teacher.run/log.csv 2>/dev/null || true

@@ -1,0 +1,41 @@
+"""The ablation suite's bookkeeping: calls with --only merge into one results.json, in the suite's order."""
+
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("distill_ablations", ROOT / "benchmarks" / "distill_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_runs_merge_and_keep_the_teacher_eval(tmp_path, monkeypatch):
+    suite = load_suite()
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "matvlm.json").write_text(json.dumps({"train_tokens": 1000}))
+    evaluated = []
+
+    def fake_eval(model_dir, args, out):
+        evaluated.append(Path(out).name)
+        return {"average": 0.5, "families": {"attribute": 0.5}}
+
+    def fake_variant(name, overrides, args):
+        return {"name": name, "overrides": overrides, "returncode": 0, "eval": {"average": 0.4, "families": {}}}
+
+    monkeypatch.setattr(suite, "evaluate", fake_eval)
+    monkeypatch.setattr(suite, "run_variant", fake_variant)
+    args = dict(teacher=str(teacher), world="w", out=str(tmp_path / "abl"), steps=1, batch_size=2, lr=1e-3,
+                parallel=2, workers=1, eval_records=9)
+    suite.run(Namespace(**args, only="ratio_50,loss_kl"))
+    suite.run(Namespace(**args, only="ratio_12_5,loss_kl"))
+    res = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["ratio_12.5", "ratio_50", "loss_kl"]
+    assert evaluated == ["teacher_eval.json"]  # the teacher is scored once, never inside its own folder
+    assert not (teacher / "eval.json").exists()
