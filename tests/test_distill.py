@@ -265,8 +265,9 @@ from matvlm.distill import DistillConfig, distill
 cfg = DistillConfig(**json.loads(sys.argv[1]))
 summary = distill(cfg, progress=False)
 import torch.distributed as dist
-print("PROCESSES", dist.get_world_size() if dist.is_initialized() else 1)
-print("HISTORY", json.dumps([row[:5] for row in summary["history"]]))
+if not dist.is_initialized() or dist.get_rank() == 0:  # one writer: lines of two processes interleave
+    print("PROCESSES", dist.get_world_size() if dist.is_initialized() else 1, flush=True)
+    print("HISTORY", json.dumps([row[:5] for row in summary["history"]]), flush=True)
 """
 
 
