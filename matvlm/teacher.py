@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
+from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
 from .data.preload import PreloadedDataset
 from .data.llava import SupervisedDataset, build_image_processor, collate, load_records
@@ -147,10 +147,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     tok_dir = run_dir / "tokenizer"
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
-    if (tok_dir / "tokenizer_config.json").exists() or cfg.init_from:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir if tok_dir.exists() else cfg.init_from)
+    if (tok_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    elif cfg.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
         tokenizer.save_pretrained(tok_dir)
     else:
         tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template)
@@ -301,8 +301,7 @@ def export_teacher(run_dir: str | Path, out: str | Path, weights: str | Path | N
                    progress: bool = True) -> dict:
     """Write a teacher from a run that has not finished: its config, tokenizer and latest checkpoint (or a
     safetensors file of its weights, e.g. brought back from another machine), evaluated on the held-out set."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+    from safetensors import safe_open
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
@@ -315,10 +314,8 @@ def export_teacher(run_dir: str | Path, out: str | Path, weights: str | Path | N
     model = build_teacher(cfg, tokenizer)
     history = []
     if weights is not None:
-        from safetensors import safe_open
-
-        tensors = load_file(str(weights))
         with safe_open(str(weights), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
             step = int((f.metadata() or {}).get("step", 0))
         if (run_dir / "log.csv").exists():
             with open(run_dir / "log.csv") as f:
