@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +51,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     cfg = {
         "teacher": args.teacher, "out": str(out / "hybrid"), "data": str(Path(args.world) / "train.json"),
         "images": [str(Path(args.world) / "images")], "steps": args.steps, "batch_size": args.batch_size,
-        "lr": args.lr, "num_workers": args.workers, "save_every": args.steps, **overrides,
+        "lr": args.lr, "num_workers": args.workers, "save_every": max(1, args.steps // 4), **overrides,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -94,13 +95,22 @@ def run(args) -> None:
         teacher = {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
                    "eval": evaluate(Path(args.teacher), args, out / "teacher_eval.json")}
         earlier = None
+    variants = {v["name"]: v for v in (earlier or {}).get("variants", [])}
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
+        result = run_variant(name, VARIANTS[name], args)
+        with lock:  # written after every variant: a call cut short keeps what finished
+            variants[name] = result
+            order = list(VARIANTS)
+            ordered = sorted(variants.values(), key=lambda v: order.index(v["name"]) if v["name"] in order else len(order))
+            results = {"teacher": teacher, "settings": vars(args), "device": device_name(), "variants": ordered}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            os.replace(tmp, path)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        fresh = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args), names))
-    kept = [v for v in (earlier or {}).get("variants", []) if v["name"] not in names]
-    order = list(VARIANTS)
-    variants = sorted(kept + fresh, key=lambda v: order.index(v["name"]) if v["name"] in order else len(order))
-    results = {"teacher": teacher, "settings": vars(args), "device": device_name(), "variants": variants}
-    path.write_text(json.dumps(results, indent=1))
+        list(pool.map(one, names))
     print("wrote", path)
 
 

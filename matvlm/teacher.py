@@ -75,6 +75,8 @@ class TeacherConfig:
     num_workers: int = 8
     warmup_families: list[str] = field(default_factory=list)  # curriculum: the first warmup_steps batches
     warmup_steps: int = 0  # come only from these families (e.g. caption), then the full mix
+    family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
+    # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
@@ -132,6 +134,20 @@ def conversation_texts(records: list[dict]):
             yield turn["value"].replace("<image>", "")
 
 
+def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> EpochOrder | SubsetOrder:
+    """The main stage's batch order: every record once per epoch, or repeated by `cfg.family_weights`."""
+    if not cfg.family_weights:
+        return EpochOrder(lengths, cfg.batch_size, cfg.seed)
+    known = {r.get("family") for r in records}
+    for family, weight in cfg.family_weights.items():
+        if family not in known:
+            raise ValueError(f"family_weights names {family!r}, which no training record has (families: {sorted(map(str, known))})")
+        if not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"family_weights[{family!r}] must be a whole number >= 0, got {weight!r}")
+    repeated = [i for i, r in enumerate(records) for _ in range(cfg.family_weights.get(r.get("family"), 1))]
+    return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed)
+
+
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
     """Train (or resume) a teacher; returns the final held-out results. Writes cfg.out atomically at the end.
 
@@ -182,7 +198,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         print(f"resuming from {checkpoints[-1]} at step {start}")
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
+    order = mixed_order(train_records, dataset.lengths, cfg)
     if cfg.warmup_steps and cfg.warmup_families:
         families = set(cfg.warmup_families)
         picked = [i for i, r in enumerate(train_records) if r.get("family") in families]

@@ -1,7 +1,12 @@
-# Source on the GPU machine: installs the carried wheels (.gpu-wheels) and puts matvlm on the path.
+# Source on the GPU machine: installs the carried wheels (.gpu-wheels) once and puts matvlm on the path.
+# Idempotent: a later call on the same warm machine keeps /tmp/site (a background run may be importing from it).
 set -e
-rm -rf /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/transformers-*.whl \
-  .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl .gpu-wheels/mamba_ssm-*.whl 2>&1 | grep -v WARNING || true
+if [ ! -f /tmp/site/.installed ]; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/transformers-*.whl \
+    .gpu-wheels/tokenizers-*.whl .gpu-wheels/safetensors-*.whl .gpu-wheels/mamba_ssm-*.whl \
+    .gpu-wheels/liger_kernel-*.whl 2>&1 | grep -v WARNING || true
+  touch /tmp/site/.installed
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, torch.cuda.get_device_name())"

@@ -11,16 +11,4 @@ CFG=${1:-configs/teacher.json}
 timeout 540 python3 -m matvlm.cli teacher --data runs/world --out runs/teacher --config "$CFG" 2>&1 \
   | tr '\r' '\n' | tee "$OUT/teacher_stdout.txt" | grep -E "step [0-9]+:|rror|resum|│|┃|teacher: +[0-9]+%.*[05]00/" || true
 if [ -f runs/teacher/heldout_scores.json ]; then tar czf "$OUT/teacher.tar.gz" -C runs teacher teacher.run/log.csv; fi
-cp runs/teacher.run/log.csv "$OUT/teacher_log.csv" 2>/dev/null || true
-python3 - <<'PY' || true
-import os, torch
-from safetensors.torch import save_file
-from matvlm.training import list_checkpoints, load_checkpoint
-ckpts = list_checkpoints("runs/teacher.run")
-if ckpts:
-    tensors, _, meta = load_checkpoint(ckpts[-1])
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
-              os.environ["OUT"] + "/weights.safetensors", metadata={"step": str(meta["step"])})
-    print("weights of step", meta["step"], "in $OUT/weights.safetensors")
-PY
-tar czf "$OUT/run_meta.tgz" -C runs teacher.run/config.json teacher.run/tokenizer teacher.run/log.csv 2>/dev/null || true
+bash scripts/device_teacher_fetch.sh runs/teacher.run

@@ -1,6 +1,8 @@
 """The teacher trainer on a tiny world: the loss falls, an interrupted run resumes exactly, output loads."""
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,11 +96,31 @@ def test_preloaded_data_gives_the_same_run(world, tmp_path):
 
 def test_curriculum_warmup_on_some_families(world, tmp_path):
     out = tmp_path / "cur"
-    train_teacher(tiny_cfg(world, out, steps=4, save_every=4, warmup_families=["caption", "attribute"], warmup_steps=2),
-                  progress=False)
+    train_teacher(tiny_cfg(world, out, steps=4, save_every=4, warmup_families=["caption", "attribute"], warmup_steps=2,
+                           family_weights={"recall": 2}), progress=False)
     assert len(history(out)) == 4
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_teacher(tiny_cfg(world, tmp_path / "none", warmup_families=["nope"], warmup_steps=2), progress=False)
+
+
+def test_family_weights_repeat_records_of_a_family(world):
+    from matvlm.data.llava import load_records
+    from matvlm.teacher import mixed_order
+
+    records = load_records(Path(world) / "train.json")
+    lengths = [10] * len(records)
+    cfg = TeacherConfig(data=world, out="unused", batch_size=4, family_weights={"recall": 3, "caption": 0})
+    order = mixed_order(records, lengths, cfg)
+    epoch = [order.indices[j] for batch in order.order.epoch_batches(0) for j in batch]
+    counts = Counter(records[i]["family"] for i in epoch)
+    n = Counter(r["family"] for r in records)
+    assert "caption" not in counts
+    assert sum(counts.values()) == (len(records) - n["caption"] + 2 * n["recall"]) // 4 * 4
+    assert counts["recall"] >= 3 * n["recall"] - 4 and counts["attribute"] <= n["attribute"]
+    with pytest.raises(ValueError, match="no training record"):
+        mixed_order(records, lengths, TeacherConfig(data=world, out="unused", batch_size=4, family_weights={"nope": 2}))
+    with pytest.raises(ValueError, match="whole number"):
+        mixed_order(records, lengths, TeacherConfig(data=world, out="unused", batch_size=4, family_weights={"recall": 1.5}))
 
 
 def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_path):
