@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -81,6 +82,14 @@ def evaluate(model_dir: Path, args, out: Path) -> dict:
             "tokens_per_second": res.get("tokens_per_second")}
 
 
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 of a model's safetensors files: which teacher a results file was measured against."""
+    digest = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run(args) -> None:
     """Run the chosen variants; results.json keeps the variants of earlier calls (`--only` splits a suite)."""
     names = [n for n in VARIANTS if not args.only or slug(n) in args.only.split(",")]
@@ -88,11 +97,12 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     earlier = json.loads(path.read_text()) if path.exists() else None
-    if earlier and earlier["settings"]["teacher"] == args.teacher:
+    fingerprint = weights_fingerprint(Path(args.teacher))
+    if earlier and earlier["teacher"].get("fingerprint") == fingerprint:
         teacher = earlier["teacher"]
-    else:
+    else:  # another teacher (or the same path with new weights): earlier variants are not comparable
         teacher_info = json.loads((Path(args.teacher) / "matvlm.json").read_text())
-        teacher = {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens"),
+        teacher = {"dir": args.teacher, "train_tokens": teacher_info.get("train_tokens_total", teacher_info.get("train_tokens")), "fingerprint": fingerprint,
                    "eval": evaluate(Path(args.teacher), args, out / "teacher_eval.json")}
         earlier = None
     variants = {v["name"]: v for v in (earlier or {}).get("variants", [])}
@@ -124,6 +134,28 @@ def pct(a: float, b: float) -> float:
     return 100 * a / b if b else float("nan")
 
 
+# The length-grouped order sorts each run of 50 batches by length, so per-step losses cycle with period 50:
+# curves and figures average over one such cycle.
+WINDOW = 50
+
+
+def smoothed(values: list[float], at: int, window: int = WINDOW) -> float:
+    """Mean of the `window` values before step `at` (1-based)."""
+    part = values[max(0, at - window) : at]
+    return sum(part) / len(part) if part else float("nan")
+
+
+def steps_to(values: list[float], threshold: float, window: int = WINDOW) -> int | None:
+    """First step at which the smoothed value is at or below `threshold`."""
+    for at in range(window, len(values) + 1):
+        if smoothed(values, at, window) <= threshold:
+            return at
+    return None
+
+
+KL_THRESHOLD = 0.1  # per position, at the variant's own temperature
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -133,33 +165,50 @@ def report(args) -> None:
     res = json.loads(Path(args.results).read_text())
     teacher = res["teacher"]["eval"]
     families = list(teacher["families"])
+    steps = res["settings"]["steps"]
     lines = [f"Teacher held-out average {teacher['average']:.3f} on {res['settings']['eval_records']} records; "
-             f"device {res['device']}; {res['settings']['steps']} steps of {res['settings']['batch_size']} records.", "",
-             "| variant | avg | retention | " + " | ".join(families) + " | distill tokens (% of teacher) |",
-             "|---|---|---|" + "---|" * len(families) + "---|",
+             f"device {res['device']}; {steps} steps of {res['settings']['batch_size']} records. KL columns: "
+             f"KL(teacher || student) per position, mean of the {WINDOW} steps before; steps to KL <= {KL_THRESHOLD}.", "",
+             "| variant | avg | retention | " + " | ".join(families) + f" | KL@100 | KL@{steps} | steps to KL<={KL_THRESHOLD} | distill tokens (% of teacher) |",
+             "|---|---|---|" + "---|" * len(families) + "---|---|---|---|",
              "| teacher | {:.3f} | 100% | ".format(teacher["average"]) + " | ".join(
-                 f"{teacher['families'][f]:.3f}" for f in families) + " | - |"]
+                 f"{teacher['families'][f]:.3f}" for f in families) + " | - | - | - | - |"]
     for v in res["variants"]:
-        if "eval" not in v:
+        share = 100 * v.get("distill_tokens", 0) / res["teacher"]["train_tokens"] if res["teacher"]["train_tokens"] else float("nan")
+        kl = v.get("log", {}).get("kl", [])
+        uses_kl = any(x > 0 for x in kl)
+        curve = (f"{smoothed(kl, 100):.3f} | {smoothed(kl, len(kl)):.3f} | {steps_to(kl, KL_THRESHOLD) or '-'}"
+                 if uses_kl else "- | - | -")
+        if "eval" in v:
+            e = v["eval"]
+            scores = f"{e['average']:.3f} | {pct(e['average'], teacher['average']):.1f}% | " + " | ".join(
+                f"{e['families'].get(f, float('nan')):.3f}" for f in families)
+        elif "log" in v:
+            scores = "not evaluated | - | " + " | ".join("-" for _ in families)
+        else:
             lines.append(f"| {v['name']} | failed (rc {v['returncode']}) |")
             continue
-        e = v["eval"]
-        share = 100 * v["distill_tokens"] / res["teacher"]["train_tokens"] if res["teacher"]["train_tokens"] else float("nan")
-        lines.append(f"| {v['name']} | {e['average']:.3f} | {pct(e['average'], teacher['average']):.1f}% | "
-                     + " | ".join(f"{e['families'].get(f, float('nan')):.3f}" for f in families) + f" | {share:.1f}% |")
+        lines.append(f"| {v['name']} | {scores} | {curve} | {share:.1f}% |")
     out = Path(args.out)
     (out / "distill_ablations_table.md").write_text("\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for v in res["variants"]:
-        if "log" in v and v["name"].split(" ")[0] in ("ratio_25", "init_random", "loss_kl", "loss_layer", "loss_ce"):
-            axes[0].plot(v["log"]["step"], v["log"]["kl"], label=v["name"])
-    axes[0].set(xlabel="step", ylabel="KL(teacher || student) per position", yscale="log", title="convergence")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels = [
+        (axes[0], ("ratio_25", "init_random", "conv_identity", "attn_bias"), "initialisation (25%)"),
+        (axes[1], ("ratio_12_5", "ratio_25", "ratio_50", "place_begin", "place_middle", "place_end"), "ratio and placement"),
+    ]
+    for ax, picked, title in panels:
+        for v in res["variants"]:
+            if "log" in v and slug(v["name"]) in picked:
+                kl = v["log"]["kl"]
+                at = range(WINDOW, len(kl) + 1)
+                ax.plot(at, [smoothed(kl, i) for i in at], label=v["name"])
+        ax.set(xlabel="step", ylabel=f"KL(teacher || student) per position ({WINDOW}-step mean)", yscale="log", title=title)
+        ax.legend(fontsize=8)
     ok = [v for v in res["variants"] if "eval" in v]
-    axes[1].barh([v["name"] for v in ok], [pct(v["eval"]["average"], teacher["average"]) for v in ok])
-    axes[1].axvline(100, color="k", lw=0.8)
-    axes[1].set(xlabel="held-out average, % of teacher", title="retention")
+    axes[2].barh([v["name"] for v in ok], [pct(v["eval"]["average"], teacher["average"]) for v in ok])
+    axes[2].axvline(100, color="k", lw=0.8)
+    axes[2].set(xlabel="held-out average, % of teacher", title="retention", xlim=(70, 110))
     fig.tight_layout()
     fig.savefig(out / "distill_ablations.png", dpi=120)
     print("\n".join(lines))

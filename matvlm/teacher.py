@@ -297,6 +297,11 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
         "world": {k: world.get(k) for k in ("generator_version", "seed", "image_size", "counts")},
         "config": asdict(cfg),
     }
+    source_info = Path(cfg.init_from) / MODEL_INFO_FILE if cfg.init_from else None
+    if source_info is not None and source_info.exists():  # a continued teacher counts what its start had seen
+        source = json.loads(source_info.read_text())
+        info["train_tokens_total"] = info["train_tokens"] + source.get("train_tokens_total", source.get("train_tokens", 0))
+        info["train_steps_total"] = info["train_steps"] + source.get("train_steps_total", source.get("train_steps", 0))
     if note:
         info["note"] = note
     with atomic_directory(out, overwrite=True) as tmp:

@@ -39,3 +39,17 @@ def test_split_runs_merge_and_keep_the_teacher_eval(tmp_path, monkeypatch):
     assert [v["name"] for v in res["variants"]] == ["ratio_12.5", "ratio_50", "loss_kl"]
     assert evaluated == ["teacher_eval.json"]  # the teacher is scored once, never inside its own folder
     assert not (teacher / "eval.json").exists()
+    # New weights at the same path: a fresh teacher eval, and the earlier variants are dropped.
+    (teacher / "model.safetensors").write_bytes(b"other weights")
+    suite.run(Namespace(**args, only="ratio_50"))
+    res = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["ratio_50"]
+    assert evaluated == ["teacher_eval.json", "teacher_eval.json"]
+
+
+def test_report_smooths_over_the_length_cycle_and_counts_steps_to_a_kl():
+    suite = load_suite()
+    kl = [1.0] * 50 + [0.2] * 50 + [0.05] * 50
+    assert abs(suite.smoothed(kl, 100) - 0.2) < 1e-12
+    assert suite.steps_to(kl, 0.1) == 134  # (16 x 0.2 + 34 x 0.05) / 50 = 0.098
+    assert suite.steps_to(kl, 0.01) is None

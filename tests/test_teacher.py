@@ -161,6 +161,9 @@ def test_init_from_an_existing_teacher(world, tmp_path):
     a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert history(again)[0][1] < history(first)[0][1]  # starts from the trained loss, not from scratch
+    info_first, info_again = (json.loads((d / "matvlm.json").read_text()) for d in (first, again))
+    assert info_again["train_tokens_total"] == info_first["train_tokens"] + info_again["train_tokens"]
+    assert info_again["train_steps_total"] == 2 * info_first["train_steps"]
     with pytest.raises(ValueError, match="does not fit this config"):
         train_teacher(tiny_cfg(world, tmp_path / "wide", init_from=str(first), hidden=48), progress=False)
     with pytest.raises(FileNotFoundError, match="init_from"):

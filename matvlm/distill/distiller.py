@@ -25,6 +25,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from ..modeling import MaTVLMForConditionalGeneration
+from .fused_loss import fused_logit_losses
 from .losses import LAYER_LOSS_FORMS, layer_loss, logit_losses
 
 KL_POSITIONS = ("all", "text", "answer")
@@ -40,6 +41,7 @@ class LossSettings:
     kl_positions: str = "all"  # all (as released) | text (not image tokens) | answer (supervised tokens)
     normalize: str = "token"  # token: mean per position | sequence: sum per sequence (as released)
     logit_chunk: int = 1024
+    logit_impl: str = "chunked"  # chunked: losses.logit_losses (any device) | liger: fused kernels (CUDA + liger-kernel)
 
     def check(self) -> None:
         if self.layer_loss not in LAYER_LOSS_FORMS:
@@ -50,6 +52,8 @@ class LossSettings:
             raise ValueError(f"normalize {self.normalize!r}: choose token or sequence")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.logit_impl not in ("chunked", "liger"):
+            raise ValueError(f"logit_impl {self.logit_impl!r}: choose chunked or liger")
         if min(self.alpha_layer, self.beta_kl, self.gamma_ce) < 0 or not (self.alpha_layer or self.beta_kl or self.gamma_ce):
             raise ValueError("loss weights must be >= 0 and at least one of alpha_layer, beta_kl, gamma_ce > 0")
 
@@ -248,7 +252,8 @@ class Distiller(nn.Module):
                 targets = torch.full_like(targets, -100)
             if s.beta_kl == 0:
                 kl_mask = torch.zeros_like(kl_mask)
-            parts["kl"], parts["ce"] = logit_losses(
+            logit_fn = fused_logit_losses if s.logit_impl == "liger" else logit_losses
+            parts["kl"], parts["ce"] = logit_fn(
                 self.student.lm_head,
                 s_hidden[:, :-1].reshape(-1, s_hidden.shape[-1]),
                 t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1]),
