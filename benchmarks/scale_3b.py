@@ -42,11 +42,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
+    p.add_argument("--logit-impl", choices=["chunked", "liger"], default="chunked", help="KL/CE through the chunked torch path or liger's fused kernels")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="torch.compile each decoder layer and the vision tower (fuses the element-wise work around the matmuls)")
     args = p.parse_args()
     dev = torch.device("cuda")
     report: dict = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
                     "torch": torch.__version__, "scan_backend": kernels.scan_backend("cuda"), "dtype": "bfloat16",
-                    "batch": args.batch, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio}
+                    "batch": args.batch, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio,
+                    "logit_impl": args.logit_impl, "compile_layers": args.compile_layers}
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -67,12 +71,16 @@ def main() -> None:
     report["convert_peak_extra_gib"] = gib(torch.cuda.max_memory_allocated() - before)
     report["mixer_layers"] = student.config.mamba_layers
 
-    distiller = Distiller(teacher, student, LossSettings(), train_connector=True)
+    distiller = Distiller(teacher, student, LossSettings(logit_impl=args.logit_impl), train_connector=True)
     del teacher
     for m in distiller.trainable_modules():
         m.float()
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile_layers:  # in place: the same modules (and state_dict keys); the teacher pass's swapped-in
+        for layer in student.model.language_model.layers:  # attention modules give each layer a second graph
+            layer.compile()
+        student.model.vision_tower.compile()
     distiller.train()
     torch.cuda.empty_cache()
     trainable = [p for p in distiller.parameters() if p.requires_grad]
