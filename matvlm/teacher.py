@@ -78,6 +78,7 @@ class TeacherConfig:
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
+    compile: bool = False  # torch.compile the training forward (dynamic lengths): fewer launches for a small model
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
     bf16: bool = True
@@ -112,7 +113,7 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
 
 
 # Options that may change between a run and its resumption; every other one must stay the same.
-RESUMABLE_CHANGES = {"num_workers", "preload", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
+RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
 def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
@@ -234,6 +235,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         pending.clear()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 
+    # The compiled wrapper shares the model's parameters; evaluation and saving use the plain module.
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     model.train()
     for batch in loader:
         for group in optimizer.param_groups:
@@ -244,7 +247,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         for chunk in micro_batches(batch, cfg.max_batch_tokens):
             chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
             with autocast:
-                part = model(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
+                part = forward(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
             part.backward()
             loss += part.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,15 @@ def test_fast_pixel_path_matches_the_processor():
     assert fast is not None and fast.shape == reference.shape == (3, 48, 48)
     assert torch.allclose(fast, reference, atol=1e-6)
     assert _pixel_values_fast(processor, image.resize((40, 40))) is None  # other sizes: the processor runs
+
+
+def test_template_text_gets_compact_tokens():
+    # The chat template's fixed text is in every turn; the tokenizer must merge it, not spell it out.
+    from matvlm.data.templates import get_template
+
+    chat = get_template("phi_short")
+    rng = random.Random(0)  # many distinct words: the few merges a 300-token vocabulary allows are contested
+    texts = [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3)) for _ in range(8)) for _ in range(600)]
+    t = train_tokenizer(texts, vocab_size=300, template="phi_short")
+    for fixed in (chat.user_prefix, chat.assistant_prompt):
+        assert len(t(fixed.strip(), add_special_tokens=False)["input_ids"]) <= 2, fixed

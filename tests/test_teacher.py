@@ -168,3 +168,11 @@ def test_init_from_an_existing_teacher(world, tmp_path):
         train_teacher(tiny_cfg(world, tmp_path / "wide", init_from=str(first), hidden=48), progress=False)
     with pytest.raises(FileNotFoundError, match="init_from"):
         train_teacher(tiny_cfg(world, tmp_path / "none", init_from=str(tmp_path)), progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_gives_the_eager_losses(world, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train_teacher(tiny_cfg(world, eager, steps=3, save_every=3), progress=False, stop_at=3)
+    train_teacher(tiny_cfg(world, compiled, steps=3, save_every=3, compile=True), progress=False, stop_at=3)
+    torch.testing.assert_close(torch.tensor(history(eager))[:, 1], torch.tensor(history(compiled))[:, 1], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,8 @@ one: small models learn counting and reading numbers far more easily that way.
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -59,7 +61,8 @@ def train_tokenizer(
         initial_alphabet=alphabet,  # every byte is encodable, whatever the corpus
         show_progress=False,
     )
-    # The template's fixed text is part of every sample: train on it so it gets compact tokens.
+    # The template's fixed text is part of every turn. BPE merges by pair frequency, so it is fed once per
+    # training text: fed only once, "USER:" stayed 5 byte tokens and "ASSISTANT:" 10, ~15 tokens a turn.
     fixed = [chat.system, chat.user_prefix, chat.assistant_prompt]
     bpe.train_from_iterator(_chain(texts, fixed), trainer=trainer)
 
@@ -78,11 +81,16 @@ def train_tokenizer(
 
 
 def _chain(texts: Iterable[str], extra: list[str]) -> Iterable[str]:
+    """The texts, then each non-empty `extra` string as many times as there were texts."""
+    count = 0
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"train_tokenizer: texts must be strings, got {type(text).__name__}")
+        count += 1
         yield text
-    yield from (t for t in extra if t)
+    for t in extra:
+        if t:
+            yield from itertools.repeat(t, max(1, count))
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> None:
