@@ -49,6 +49,7 @@ class TeacherConfig:
     family: str = "phi"  # phi | llama
     template: str = "phi"
     vocab_size: int = 2048
+    digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192
@@ -170,7 +171,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
         tokenizer.save_pretrained(tok_dir)
     else:
-        tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template)
+        tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template,
+                                    digit_group=cfg.digit_group)
         tokenizer.save_pretrained(tok_dir)
     image_processor = build_image_processor(cfg.image_size)
     model = build_teacher(cfg, tokenizer)

@@ -100,9 +100,9 @@ def test_tokenizer_special_tokens_and_roundtrip(tok, tmp_path):
     ids = tok("look <image>\nhere", add_special_tokens=False)["input_ids"]
     assert ids.count(image_id) == 1
     assert tok("hello")["input_ids"][0] != tok.eos_token_id  # no BOS-like prefix
-    # digits one by one, even for numbers seen whole in the corpus
-    digits = tok("2024 12", add_special_tokens=False)["input_ids"]
-    assert [tok.decode([d]) for d in digits] == ["2", "0", "2", "4", " ", "1", "2"]
+    # numbers in groups of at most 3 digits, even for numbers seen whole in the corpus
+    pieces = [tok.decode([d]) for d in tok("2024 12", add_special_tokens=False)["input_ids"]]
+    assert "".join(pieces) == "2024 12" and max(len(p.strip()) for p in pieces) <= 3 and len(pieces) >= 3
     text = "Odd bytes: ü 😀 \t tabs <image> and" + EOS
     assert tok.decode(tok(text)["input_ids"]) == text
 
@@ -540,3 +540,15 @@ def test_template_text_gets_compact_tokens():
     t = train_tokenizer(texts, vocab_size=300, template="phi_short")
     for fixed in (chat.user_prefix, chat.assistant_prompt):
         assert len(t(fixed.strip(), add_special_tokens=False)["input_ids"]) <= 2, fixed
+
+
+def test_numbers_are_cut_into_groups_of_digits():
+    texts = [f"the key for the red door is {n} . the code is {n * 7919 % 100000}" for n in range(100)] * 5
+    grouped = train_tokenizer(texts, vocab_size=600, template="phi_short")
+    single = train_tokenizer(texts, vocab_size=600, template="phi_short", digit_group=1)
+    assert grouped.tokenize("42") == ["42"] and single.tokenize("42") == ["4", "2"]
+    pieces = grouped.tokenize("1234567")  # cut as 123 | 456 | 7 before BPE: no token spans a group boundary
+    assert len(pieces) >= 3 and max(map(len, pieces)) <= 3
+    assert grouped.decode(grouped("code 1234567")["input_ids"]) == "code 1234567"
+    with pytest.raises(ValueError, match="digit_group"):
+        train_tokenizer(texts, digit_group=0)

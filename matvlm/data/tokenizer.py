@@ -12,7 +12,7 @@ import itertools
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .templates import IMAGE_TOKEN, ChatTemplate, get_template
@@ -30,13 +30,18 @@ def train_tokenizer(
     template: str | ChatTemplate = "phi",
     image_token: str = IMAGE_TOKEN,
     model_max_length: int | None = None,
+    digit_group: int = 3,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` (offline) and wrap it for transformers.
 
     Special tokens: the template's eos (also used as pad) and ``image_token`` (exposed as
     ``tokenizer.image_token`` / ``tokenizer.image_token_id``, as transformers' Llava tokenizers do).
-    The template's chat format is attached as ``chat_template``.
+    The template's chat format is attached as ``chat_template``. Runs of digits are cut into groups of at most
+    ``digit_group`` (as Llama 3 does with 3), so frequent numbers such as counts or 0-99 become single tokens
+    while long numbers stay readable; 1 gives one token per digit.
     """
+    if digit_group < 1:
+        raise ValueError(f"digit_group must be >= 1, got {digit_group}")
     chat = get_template(template)
     specials = list(dict.fromkeys([chat.eos_token, image_token]))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -49,7 +54,7 @@ def train_tokenizer(
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(rf"\d{{1,{digit_group}}}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
