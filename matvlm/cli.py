@@ -225,6 +225,8 @@ def distill(
     eval_data: Path = typer.Option(None, help="Held-out LLaVA JSON for periodic and final evaluation."),
     num_workers: int = typer.Option(None, help="Data loader workers."),
     seed: int = typer.Option(None, help="Seed (conversion and data order)."),
+    logit_impl: str = typer.Option(None, help="KL/CE kernels: chunked (torch, default) | liger (fused; CUDA + liger-kernel)."),
+    sharding: str = typer.Option(None, help="auto (FSDP2 under `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2."),
     resume: bool = typer.Option(False, help="Continue the run in OUT.run/ from its last checkpoint."),
 ) -> None:
     """Distil a hybrid from its teacher in one stage (KL + layer-wise + optional CE); one GPU or many via
@@ -239,7 +241,8 @@ def distill(
         beta_kl=beta_kl, gamma_ce=gamma_ce, temperature=temperature, kl_positions=kl_positions,
         layer_loss=layer_loss, normalize=normalize, train_connector=train_connector, steps=steps, batch_size=batch_size, lr=lr,
         max_batch_tokens=max_batch_tokens, gradient_checkpointing=gradient_checkpointing,
-        eval_data=eval_data and str(eval_data), num_workers=num_workers, seed=seed,
+        eval_data=eval_data and str(eval_data), num_workers=num_workers, seed=seed, logit_impl=logit_impl,
+        sharding=sharding,
     )
     try:
         cfg = DistillConfig.from_file(config, **overrides)

@@ -198,3 +198,13 @@ def test_wrapping_with_a_stand_in_for_liger(monkeypatch, bias, temperature):
     got = losses_and_grads(fused_logit_losses, *case, temperature)
     for name, a, b in zip(("kl", "ce", "grad kl", "grad ce"), got, ref):
         assert rel_err(a, b) < 1e-5, name
+
+
+def test_distill_refuses_liger_before_loading_anything_where_it_cannot_run(tmp_path):
+    from matvlm.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher=str(tmp_path / "no-teacher"), out=str(tmp_path / "out"), data="none.json", logit_impl="liger")
+    with pytest.raises(RuntimeError, match="logit_impl=liger needs CUDA"):
+        distill(cfg)
+    with pytest.raises(ValueError, match="logit_impl"):
+        DistillConfig(teacher="t", out="o", data="d", logit_impl="fast").loss_settings().check()

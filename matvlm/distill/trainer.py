@@ -1,9 +1,26 @@
 """`matvlm distill`: single-stage distillation of a hybrid from its teacher, on one process or many.
 
-One GPU or several through `accelerate launch` (DDP: the frozen model is replicated per process, each
-process takes its share of every global batch). A run lives in `OUT.run/` (resolved config, checkpoints,
-log.csv, TensorBoard events when tensorboard is installed); `--resume` continues it exactly. The final
-hybrid, a checkpoint the model class loads, is written atomically to OUT with the teacher's processor.
+One GPU or several through `accelerate launch`; each process takes its share of every global batch.
+Two ways to use several GPUs (option `sharding`, in a config file or the DistillConfig):
+
+- DDP (`accelerate launch --num_processes N -m matvlm.cli distill ...`): every process holds the whole
+  model; gradients are averaged.
+- FSDP2 (`accelerate launch --num_processes N --use_fsdp --fsdp_version 2 -m matvlm.cli distill ...`, or
+  `"sharding": "fsdp2"` under any launcher): for students that do not fit on one card. Every process
+  loads the teacher and builds the student on its CPU (host memory: about two model copies per process),
+  then torch's `fully_shard` keeps 1/N of each group of tensors on each GPU (see `sharding.py` for the
+  groups); a group is gathered while it runs. The distiller chooses its own groups, so accelerate's wrap
+  policy, mixed-precision policy, state-dict type and RAM-efficient loading are not used: bf16 autocast
+  follows the `bf16` option as on one GPU, reshard_after_forward is honoured, CPU offload and accelerate's
+  activation checkpointing are refused (use --gradient-checkpointing). Held-out evaluation runs on every
+  process together. Micro-batches are reduce-scattered one by one (no unsharded gradient copies).
+  The default `sharding: auto` picks FSDP2 exactly when the launcher asks for it, else DDP.
+
+Both give the loss curve of one process at the same global batch. A run lives in `OUT.run/` (resolved
+config, checkpoints, log.csv, TensorBoard events when tensorboard is installed); `--resume` continues it
+exactly. Checkpoints hold full tensors in one layout whatever the sharding, so a run may resume under the
+other one. The final hybrid, a checkpoint the model class loads, is written atomically to OUT (by the
+first process, from full tensors) with the teacher's processor.
 """
 
 from __future__ import annotations
@@ -40,6 +57,21 @@ from ..training import (
     set_rng_state,
 )
 from .distiller import Distiller, LossSettings
+from .fused_loss import missing_requirements
+from .sharding import (
+    StateOnly,
+    clip_grad_norm,
+    even_micro_batches,
+    full_optimizer_state,
+    full_tensors,
+    launcher_settings,
+    load_full_optimizer_state,
+    load_weights_everywhere,
+    max_over_ranks,
+    resolve_sharding,
+    root_unsharded,
+    shard_distiller,
+)
 
 LOG_COLUMNS = ["step", "loss", "layer", "kl", "ce", "grad_norm", "lr", "tokens", "seconds"]
 
@@ -67,6 +99,7 @@ class DistillConfig:
     kl_positions: str = "all"
     normalize: str = "token"
     train_connector: bool = True
+    logit_impl: str = "chunked"  # chunked (torch, any device) | liger (fused kernels: CUDA + liger-kernel)
     # optimisation
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -91,6 +124,7 @@ class DistillConfig:
     eval_every: int = 0
     eval_records: int = 512
     save_dtype: str = "auto"  # auto: the teacher's dtype
+    sharding: str = "auto"  # auto (FSDP2 when `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2
 
     def loss_settings(self) -> LossSettings:
         names = {f.name for f in fields(LossSettings)}
@@ -120,7 +154,7 @@ class DistillConfig:
 
 # Options that may change when a run resumes; every other one must match the saved config.
 RESUMABLE_CHANGES = {"num_workers", "preload", "save_every", "eval_every", "eval_records", "eval_data", "out", "data", "images",
-                     "teacher", "student", "max_batch_tokens", "gradient_checkpointing"}
+                     "teacher", "student", "max_batch_tokens", "gradient_checkpointing", "sharding"}
 
 
 def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
@@ -184,10 +218,22 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
     cfg.loss_settings().check()
+    launcher = launcher_settings()
+    sharding = resolve_sharding(cfg.sharding, launcher)
     accelerator = Accelerator()
     device = accelerator.device
+    if cfg.logit_impl == "liger" and (missing := missing_requirements(device)):  # fail before loading models
+        raise RuntimeError("logit_impl=liger needs " + " and ".join(missing) + "; use logit_impl=chunked")
     on_gpu = device.type == "cuda"
     main = accelerator.is_main_process
+    # FSDP2 builds on the CPU (the model may not fit on one card) whatever the process count, so that one
+    # process with `sharding: fsdp2` starts from the same initialisation as N (CPU and GPU generators differ).
+    # It leaves accelerate's model preparation out (no DDP wrapper, no accelerate FSDP wrapping).
+    fsdp = sharding == "fsdp2"
+    sharded = fsdp and accelerator.num_processes > 1
+    build_device = torch.device("cpu") if fsdp else device
+    if fsdp:
+        load_weights_everywhere()
     out = Path(cfg.out)
     run_dir = out.with_name(out.name + ".run")
 
@@ -198,7 +244,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
 
     dtype = torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32
-    teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(device))
+    teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(build_device))
     student = build_student(cfg, teacher)
     distiller = Distiller(teacher, student, cfg.loss_settings(), train_connector=cfg.train_connector)
     del teacher  # what the distiller needs of it is kept inside; the rest is the student's shared copy
@@ -219,11 +265,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.steps or max(1, int(cfg.epochs * order.batches_per_epoch))
 
-    optimizer = torch.optim.AdamW(
-        adamw_param_groups(distiller, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_gpu
-    )
-    start, history = 0, []
-    if checkpoints:
+    start, history, state = 0, [], None
+    if checkpoints:  # trained tensors go in before sharding, the optimizer state once it exists
         tensors, state, meta = load_checkpoint(checkpoints[-1])
         trainable = distiller.trainable_state()
         missing = sorted(set(trainable) - set(tensors))
@@ -232,16 +275,29 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(tensors[k])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         start, history = meta["step"], meta["history"]
+    if sharded:
+        shard_distiller(distiller, device, launcher.reshard_after_forward)
+    elif build_device != device:
+        distiller.to(device)
+    optimizer = torch.optim.AdamW(
+        adamw_param_groups(distiller, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_gpu
+    )
+    if state is not None:
+        load_full_optimizer_state(optimizer, state["optimizer"])
+        set_rng_state(state["rng"])
         if main:
             print(f"resuming {run_dir} from step {start}")
+    if main and fsdp and not sharded:
+        print("sharding fsdp2 with one process: nothing to shard, the model runs whole")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    model, optimizer = accelerator.prepare(distiller, optimizer)
+    if fsdp:  # sharded above; accelerate's own FSDP preparation would re-wrap the distiller
+        model = distiller
+    else:
+        model, optimizer = accelerator.prepare(distiller, optimizer)
     sampler = ResumableBatches(order, start, total_steps, accelerator.process_index, accelerator.num_processes)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress and main)
@@ -268,19 +324,26 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         global_counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
         div = dict(zip(counts, global_counts.clamp_min(1).tolist()))
         chunks = micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple)
+        if sharded:  # every micro-batch gathers parameters: all ranks must run as many
+            count = max_over_ranks(len(chunks), device)
+            chunks = even_micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple, count)
         sums = torch.zeros(len(div) + 1, device=device, dtype=torch.float64)  # loss parts, then tokens
         try:
             for n, chunk in enumerate(chunks):
                 chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
                 sync = n == len(chunks) - 1
-                with accelerator.no_sync(model) if not sync else nullcontext(), autocast:
+                # FSDP2 reduce-scatters every micro-batch into sharded gradients (no unsharded copies kept).
+                with accelerator.no_sync(model) if not (sync or fsdp) else nullcontext(), autocast:
                     parts = model(**chunk)
                     loss = sum(weights[k] * parts[k] / div[k] for k in parts) * accelerator.num_processes
                 accelerator.backward(loss)
                 sums[:-1] += torch.stack([parts[k].detach().double() for k in div])  # no host sync here
         except torch.OutOfMemoryError as err:
             raise RuntimeError(_oom_advice(cfg)) from err
-        grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
+        if fsdp:
+            grad_norm = clip_grad_norm(trained_params, cfg.grad_clip)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -302,13 +365,17 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
                         ce=f"{parts_mean['ce']:.3g}", tok_s=f"{tokens / elapsed:,.0f}")
         stopping = stop_at is not None and step >= stop_at
         if step % cfg.save_every == 0 or step == total_steps or stopping:
+            trained, opt_state = distiller.trainable_state(), optimizer
+            if sharded:  # gathered on every rank (a collective), kept by the writer
+                trained, opt_state = full_tensors(trained, main), StateOnly(full_optimizer_state(optimizer, main))
             if main:
-                save_checkpoint(run_dir, step, distiller.trainable_state(), optimizer, {"history": history})
+                save_checkpoint(run_dir, step, trained, opt_state, {"history": history})
                 logs.write(history)
             accelerator.wait_for_everyone()
-        if main and cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < total_steps:
-            res = _evaluate(distiller, processor, eval_records, cfg, template)
-            bar.write(f"step {step}: held-out average {res['average']:.3f}")
+        if (main or sharded) and cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < total_steps:
+            res = _evaluate(distiller, processor, eval_records, cfg, template)  # sharded: all ranks alike
+            if main:
+                bar.write(f"step {step}: held-out average {res['average']:.3f}")
             distiller.train()
         if stopping:
             break
@@ -318,23 +385,28 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     if stop_at is not None and step < total_steps:
         return summary
 
-    if main:
+    if main or sharded:  # sharded: every rank takes part in evaluation and in gathering the weights
         distiller.eval()
         if eval_records:
             summary["heldout"] = _evaluate(distiller, processor, eval_records, cfg, template)
-        _write_output(cfg, distiller, template, summary, history, run_dir)
+        full = full_tensors(distiller.student.state_dict(), main) if sharded else None
+        if main:
+            _write_output(cfg, distiller, template, summary, history, run_dir, full)
     accelerator.wait_for_everyone()
     return summary
 
 
 def _evaluate(distiller: Distiller, processor, records: list[dict], cfg: DistillConfig, template: str) -> dict:
     distiller.eval()
-    res = evaluate(distiller.student, processor.tokenizer, processor.image_processor, records, cfg.images, template,
-                   batch_size=64, progress=False)
+    with root_unsharded(distiller):
+        res = evaluate(distiller.student, processor.tokenizer, processor.image_processor, records, cfg.images, template,
+                       batch_size=64, progress=False)
     return {k: v for k, v in res.items() if k != "records"}
 
 
-def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summary: dict, history: list, run_dir: Path) -> None:
+def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summary: dict, history: list, run_dir: Path,
+                  full_state: dict[str, torch.Tensor] | None = None) -> None:
+    """`full_state`: the student's gathered tensors when it is sharded (else its own are saved)."""
     student = distiller.student
     if student.is_activation_checkpointing:
         student.gradient_checkpointing_disable()
@@ -344,7 +416,12 @@ def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summa
     info.update(template=template, distilled_from=str(cfg.teacher), mixer_layers=student.config.mamba_layers,
                 distill_steps=summary["steps"], distill_tokens=sum(int(r[7]) for r in history))
     with atomic_directory(cfg.out, overwrite=True) as tmp:
-        student.to(save_dtype).save_pretrained(tmp)
+        if full_state is None:
+            student.to(save_dtype).save_pretrained(tmp)
+        else:
+            student.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in full_state.items()})
+            student.config.dtype = str(save_dtype).split(".")[1]  # save_pretrained wrote the sharded model's
+            student.config.save_pretrained(tmp)
         copy_side_files(cfg.teacher, tmp)
         (tmp / "heldout_scores.json").unlink(missing_ok=True)  # the teacher's scores, not this model's
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

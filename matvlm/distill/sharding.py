@@ -1,0 +1,234 @@
+"""FSDP2 (torch `fully_shard`) for the distiller, and the full-tensor views that checkpoints need.
+
+The distiller is sharded in groups that follow how its forward uses them, so that no group mixes what
+trains (fp32) with what is frozen (the run dtype), and each group is gathered only while it runs:
+
+    each mixer (fp32, trains)                   its own group: gathered in the layer loss and the student pass
+    each teacher attention module (frozen)      its own group: gathered only in the teacher pass, when it is
+                                                swapped into its decoder layer (on every rank alike)
+    the student connector, when it trains       its own group
+    each vision encoder layer (frozen)          its own group (not the tower as a whole: transformers finds
+                                                which outputs a model can record by its class, which
+                                                fully_shard replaces; its layers keep theirs as subclasses)
+    each decoder layer (frozen rest)            its own group
+    the root (the Distiller)                    embeddings, norms, lm_head, teacher connector
+
+Checkpoints and the final model hold full tensors, gathered from every rank and written by rank 0, in
+the same layout as an unsharded run's: a run can resume under the other sharding.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..training import micro_batches
+
+SHARDINGS = ("auto", "ddp", "fsdp2")
+
+
+@dataclass
+class Launcher:
+    """What `accelerate launch` asked for: FSDP (and its version) or not, and the FSDP options we honour."""
+
+    fsdp_version: int | None = None  # None: no --use_fsdp
+    reshard_after_forward: bool = True
+
+
+def launcher_settings() -> Launcher:
+    """Read from the environment `accelerate launch --use_fsdp ...` (or an accelerate config) sets.
+
+    Read there rather than from `Accelerator().state.fsdp_plugin` because accelerate drops the plugin on
+    the CPU; the environment says the same on every device.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return Launcher()
+    for name, hint in (("FSDP_OFFLOAD_PARAMS", "CPU offload is not supported here"),
+                       ("FSDP_ACTIVATION_CHECKPOINTING", "use --gradient-checkpointing instead")):
+        if os.environ.get(name, "false").lower() == "true":
+            raise ValueError(f"accelerate launch set {name}: {hint}")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    return Launcher(fsdp_version=int(os.environ.get("FSDP_VERSION", "1")), reshard_after_forward=reshard)
+
+
+def resolve_sharding(requested: str, launcher: Launcher) -> str:
+    """'ddp' or 'fsdp2'. `auto` follows the launcher: FSDP2 under `accelerate launch --use_fsdp
+    --fsdp_version 2`, else DDP (one process: nothing to distribute)."""
+    if requested not in SHARDINGS:
+        raise ValueError(f"sharding {requested!r}: choose one of {', '.join(SHARDINGS)}")
+    if launcher.fsdp_version not in (None, 2):
+        raise ValueError(f"accelerate launch asked for FSDP version {launcher.fsdp_version}; the distiller "
+                         "shards itself with FSDP2: pass --fsdp_version 2")
+    if requested == "ddp" and launcher.fsdp_version == 2:
+        raise ValueError("sharding is 'ddp' but accelerate launch asked for FSDP2 (--use_fsdp): drop one of them")
+    if requested == "auto":
+        return "fsdp2" if launcher.fsdp_version == 2 else "ddp"
+    return requested
+
+
+def load_weights_everywhere() -> None:
+    """Under `accelerate launch --use_fsdp`, transformers may load real weights in the first process only
+    (accelerate's RAM-efficient loading, completed by a broadcast in accelerate's own FSDP preparation).
+    The distiller shards every process's own full copy instead, so every process loads the weights."""
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+
+
+def shard_distiller(distiller: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> None:
+    """Apply `fully_shard` in place, bottom-up (see the module docstring for the groups).
+
+    Every rank must hold the same full weights (same teacher, same seed); each keeps its shard and moves
+    it to `device`. Build the optimizer afterwards: the parameters become new (DTensor) objects.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # The warning is about writing into a module's output in place, which the distiller never does.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    student = distiller.student
+    for i, mixer in student.mixers().items():
+        fully_shard(mixer, **kw)
+        fully_shard(distiller.teacher_attention[str(i)], **kw)
+    if distiller.train_connector:
+        fully_shard(student.model.multi_modal_projector, **kw)
+    for layer in _vision_layers(student.model.vision_tower):
+        fully_shard(layer, **kw)
+    for layer in distiller.decoder_layers:
+        fully_shard(layer, **kw)
+    fully_shard(distiller, mesh=mesh)  # root: not resharded after forward, its backward follows at once
+    # A trained tensor without a gradient on one rank (e.g. the connector on a micro-batch without images)
+    # must still join the reduce-scatter, or the ranks' collectives differ.
+    if hasattr(distiller, "set_reduce_scatter_unused_params"):  # recent torch only
+        distiller.set_reduce_scatter_unused_params(True)
+    # Evaluation runs on every rank: transformers' generate() sees this flag and keeps the ranks stepping
+    # together (synced_gpus) until all are done, should their answers differ in length.
+    student._is_fsdp_managed_module = True
+
+
+def _vision_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a vision tower (CLIP, SigLIP: `encoder.layers`, wherever it is nested)."""
+    for name, module in tower.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-2:] == ["encoder", "layers"]:
+            return list(module)
+    return []  # an unknown layout stays in the root group: correct, only less memory saved
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def root_unsharded(distiller: nn.Module) -> Iterator[None]:
+    """Gather the root group for code that calls the student directly (evaluation); the other groups
+    gather themselves as their modules run. Every rank must run the same calls inside."""
+    if not is_sharded(distiller):
+        yield
+        return
+    distiller.unshard()
+    try:
+        yield
+    finally:
+        distiller.reshard()
+
+
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of full tensors, gathered one at a time from shards (DTensors) where needed.
+
+    A collective: every rank calls it with the same names in the same order; only where `keep` are the
+    copies kept (rank 0 writes; the others need not hold a second full model in memory).
+    """
+    out = {}
+    for name, t in tensors.items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = full.detach().cpu()
+    return out
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
+    """`optimizer.state_dict()` with full tensors: the layout of an unsharded run. A collective."""
+    sd = optimizer.state_dict()
+    state = {i: full_tensors(sd["state"][i], keep) for i in sorted(sd["state"])}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full-tensor optimizer state (any run's checkpoint) into an optimizer over sharded parameters:
+    each rank keeps the slice of every tensor that matches its shard of the parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state["state"].items():
+        p = params[int(index)]
+        if not isinstance(p, DTensor):
+            continue
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == p.shape:  # moments; the step count stays as it is
+                entry[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    optimizer.load_state_dict(state)
+
+
+class StateOnly:
+    """Stands in for an optimizer where `save_checkpoint` asks for `state_dict()` (a gathered state)."""
+
+    def __init__(self, state: dict | None):
+        self.state = state
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip over all ranks' shards; the norm is the norm of the full gradient."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def even_micro_batches(batch: dict, max_tokens: int, multiple: int, count: int) -> list[dict]:
+    """`micro_batches`, with the chunks of most rows halved until there are `count` of them.
+
+    Under FSDP2 every micro-batch runs collectives (parameter all-gathers), so all ranks must run the
+    same number; splitting rows changes no loss (each is a sum divided by a global count). Every rank has
+    the same number of rows, so the rank with the most chunks has at most one row per chunk.
+    """
+    chunks = micro_batches(batch, max_tokens, multiple)
+    if len(chunks) >= count:
+        return chunks
+    bounds, start = [], 0
+    for chunk in chunks:
+        rows = chunk["input_ids"].shape[0]
+        bounds.append((start, start + rows))
+        start += rows
+    while len(bounds) < count:
+        i = max(range(len(bounds)), key=lambda j: bounds[j][1] - bounds[j][0])
+        a, b = bounds[i]
+        if b - a < 2:
+            raise RuntimeError(f"cannot split {start} rows into {count} micro-batches")
+        bounds[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return [micro_batches(_rows(batch, a, b), sys.maxsize, multiple)[0] for a, b in bounds]
+
+
+def _rows(batch: dict, a: int, b: int) -> dict:
+    """Rows a..b-1 of a collated batch, with the images of those rows (stacked in row order)."""
+    has_image = batch["has_image"]
+    first, n = int(has_image[:a].sum()), int(has_image[a:b].sum())
+    out = {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels", "has_image") if k in batch}
+    pixels = batch.get("pixel_values")
+    out["pixel_values"] = pixels[first : first + n] if pixels is not None and n else None
+    return out
