@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import re
 import sys
@@ -19,9 +18,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
 from matvlm.data.llava import IGNORE_INDEX, _tokenize_segments
-from matvlm.data.synth import (
-    COLORS, RECALL_ACK, RECALL_MAX_FILLER_TURNS, RECALL_NOUNS, _Gen, _Retry, _simple_qa, _World,
-)
+from matvlm.data.synth import _fam_recall, _Gen, _Retry, _World
 from matvlm.data.templates import get_template
 
 TEACHER = "matvlm/assets/teacher"
@@ -29,29 +26,16 @@ _WORLD = _World.make(0, 128)
 
 
 def recall_record(split: str, index: int, n_filler: int | str) -> tuple[list[tuple[str, str]], list[int]]:
-    """One recall conversation as in synth._fam_recall, with n_filler filler turns ('log': the world's
-    log-uniform 0..96). Returns the turns and the fact values."""
+    """One recall conversation made by the world's own synth._fam_recall, with n_filler filler turns ('log':
+    the world's log-uniform 0..96). Returns the turns and the fact values."""
     for attempt in range(50):
         g = _Gen(_WORLD, split, f"probe-recall:{index}:{attempt}", index)
-        rng = g.rng
         try:
-            objs = g.place(g.objects(rng.randint(5, 10)))
-            keys = [(rng.choice(list(COLORS)), rng.choice(RECALL_NOUNS))]
-            for _ in range(rng.randint(1, 4)):  # near-miss facts: same colour or same noun
-                c, n = rng.choice(keys)
-                key = (c, rng.choice(RECALL_NOUNS)) if rng.random() < 0.5 else (rng.choice(list(COLORS)), n)
-                if key not in keys:
-                    keys.append(key)
-            values = rng.sample(range(100), len(keys))
-            facts = "".join(f" The key for the {c} {n} is {v}." for (c, n), v in zip(keys, values))
-            turns = [(g.ask("facts", facts=facts), RECALL_ACK)]
-            k = round((RECALL_MAX_FILLER_TURNS + 1) ** rng.random()) - 1 if n_filler == "log" else int(n_filler)
-            turns += [_simple_qa(g, objs) for _ in range(k)]
-            t = rng.randrange(len(keys))
-            turns.append((g.ask("recall", color=keys[t][0], noun=keys[t][1]), str(values[t])))
-            return turns, values
+            draft = _fam_recall(g, None if n_filler == "log" else int(n_filler))
         except _Retry:
             continue
+        values = [int(v) for v in re.findall(r" is (\d+)\.", draft.turns[0][0])]
+        return draft.turns, values
     raise RuntimeError("could not sample a record")
 
 

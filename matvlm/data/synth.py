@@ -720,7 +720,8 @@ def _fam_multiturn(g: _Gen) -> _Draft:
     return _Draft(turns, objs, kind="followup_" + parse_question(last[0])[0])
 
 
-def _fam_recall(g: _Gen) -> _Draft:
+def _fam_recall(g: _Gen, n_filler: int | None = None) -> _Draft:
+    """`n_filler` fixes the number of filler turns (probes, curricula); None draws it as the world does."""
     rng = g.rng
     objs = g.place(g.objects(rng.randint(5, 10)))
     keys: list[tuple[str, str]] = [(rng.choice(list(COLORS)), rng.choice(RECALL_NOUNS))]
@@ -734,7 +735,8 @@ def _fam_recall(g: _Gen) -> _Draft:
     turns = [(g.ask("facts", facts=facts), RECALL_ACK)]
     # Log-uniform distance: short gaps are common, the longest (~1,000 words) still well represented,
     # and long records do not dominate the training tokens.
-    n_filler = round((RECALL_MAX_FILLER_TURNS + 1) ** rng.random()) - 1
+    drawn = round((RECALL_MAX_FILLER_TURNS + 1) ** rng.random()) - 1  # drawn either way: the same stream
+    n_filler = drawn if n_filler is None else n_filler
     turns += [_simple_qa(g, objs) for _ in range(n_filler)]
     distance = sum(len(q.split()) + len(a.split()) for q, a in turns[1:])
     t = rng.randrange(len(keys))
