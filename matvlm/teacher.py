@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
 from .data.preload import PreloadedDataset
-from .data.llava import SupervisedDataset, build_image_processor, collate, load_records
+from .data.llava import SupervisedDataset, build_image_processor, collate, load_records, warn_truncated_answers
 from .data.tokenizer import train_tokenizer
 from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
@@ -183,6 +183,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         train_records, images, tokenizer, image_processor, cfg.template,
         num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
     )
+    warn_truncated_answers(dataset)
     optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     start, history = 0, []

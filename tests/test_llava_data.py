@@ -372,6 +372,21 @@ def test_truncation_keeps_image_block_and_errors_when_impossible(tok, proc, fold
         make_ds([record], folders, tok, proc, max_length=start + N_IMG)[0]
 
 
+def test_records_that_lose_answer_tokens_to_truncation_are_counted(tok, proc, folders, capsys):
+    from matvlm.data.llava import warn_truncated_answers
+
+    long = rec("long", "What is shown? <image>", "A red square on a white background. " * 5, image="red.png")
+    short = rec("short", "<image>\nQ?", "Red.", image="red.png")
+    full = len(make_ds([long], folders, tok, proc)[0]["input_ids"])
+    roomy = make_ds([long, short, short], folders, tok, proc, source="train.json")
+    assert roomy.truncated_answers() == (0, 3) and warn_truncated_answers(roomy) == 0.0
+    tight = make_ds([long, short, short], folders, tok, proc, max_length=full - 2, source="train.json")
+    assert tight.truncated_answers() == (1, 3)
+    assert abs(warn_truncated_answers(tight) - 1 / 3) < 1e-9
+    out = capsys.readouterr().out
+    assert "1 of 3 sampled records" in out and "train.json" in out and f"max_length={full - 2}" in out
+
+
 def test_dataset_bad_inputs_and_find_problems(tok, proc, folders, tmp_path):
     corrupt = folders[0] / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)

@@ -15,8 +15,9 @@ Record/image validation lives in :mod:`matvlm.data.records` and is re-exported h
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -266,7 +267,8 @@ class SupervisedDataset(Dataset):
             "length": len(ids),
         }
 
-    def _encode_text(self, index: int) -> tuple[Mapping[str, Any], list[int], list[int]]:
+    def _encode_full(self, index: int) -> tuple[Mapping[str, Any], list[int], list[int], int | None, Callable]:
+        """Record, ids, labels and image-block start before truncation, and its error maker."""
         record = self.records[index]
         validate_record(record, index=index, path=self.source, image_token=self.image_token)
         label = record_label(record, index)
@@ -280,6 +282,10 @@ class SupervisedDataset(Dataset):
         ids, labels, start = _expand_image(
             ids, labels, self.image_token_id, self.num_image_tokens, expected, bad
         )
+        return record, ids, labels, start, bad
+
+    def _encode_text(self, index: int) -> tuple[Mapping[str, Any], list[int], list[int]]:
+        record, ids, labels, start, bad = self._encode_full(index)
         if len(ids) > self.max_length:
             if start is not None and start + self.num_image_tokens > self.max_length:
                 raise bad(
@@ -316,6 +322,20 @@ class SupervisedDataset(Dataset):
             self._lengths = out
         return self._lengths
 
+    def truncated_answers(self, sample: int = 2000, seed: int = 0) -> tuple[int, int]:
+        """(records that lose answer tokens to max_length, records checked) over a random sample: a record
+        cut at the end keeps training on what is left, so this is the only sign its answers never count."""
+        rng = random.Random(seed)
+        indices = rng.sample(range(len(self.records)), min(sample, len(self.records)))
+        cut = 0
+        for index in indices:
+            try:
+                _, ids, labels, _, _ = self._encode_full(index)
+            except BadRecordError:
+                continue  # reported by find_problems / __getitem__
+            cut += any(t != IGNORE_INDEX for t in labels[self.max_length :])
+        return cut, len(indices)
+
     def find_problems(self, check_images: bool = False) -> list[BadRecordError]:
         """Every error ``__getitem__`` would raise, without stopping at the first. Text and
         truncation are always checked and image files are looked up; ``check_images=True`` also
@@ -332,6 +352,16 @@ class SupervisedDataset(Dataset):
             except BadRecordError as err:
                 problems.append(err)
         return problems
+
+
+def warn_truncated_answers(dataset: SupervisedDataset, sample: int = 2000) -> float:
+    """Print a warning when sampled records lose answer tokens to max_length; returns the share."""
+    cut, checked = dataset.truncated_answers(sample)
+    share = cut / checked if checked else 0.0
+    if cut:
+        print(f"warning: {cut} of {checked} sampled records ({share:.1%}) of {dataset.source or 'the data'} lose answer "
+              f"tokens to max_length={dataset.max_length}; raise max_length or shorten those records", flush=True)
+    return share
 
 
 def _has_image(record: Mapping[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..convert import to_hybrid
 from ..data.preload import PreloadedDataset
-from ..data.llava import SupervisedDataset, collate, load_records
+from ..data.llava import SupervisedDataset, collate, load_records, warn_truncated_answers
 from ..eval.report import write_json_atomic
 from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_info
 from ..io import atomic_directory, copy_side_files, load_processor, load_vlm
@@ -262,6 +262,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         records, cfg.images, tokenizer, processor.image_processor, template,
         num_image_tokens=student.config.image_seq_length, max_length=cfg.max_length, source=cfg.data,
     )
+    if main:
+        warn_truncated_answers(dataset)
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.steps or max(1, int(cfg.epochs * order.batches_per_epoch))
 
