@@ -76,6 +76,8 @@ class TeacherConfig:
     num_workers: int = 8
     warmup_families: list[str] = field(default_factory=list)  # curriculum: the first warmup_steps batches
     warmup_steps: int = 0  # come only from these families (e.g. caption), then the full mix
+    stages: list[dict] = field(default_factory=list)  # more curriculum stages after the warm-up, each
+    # {"steps": N, "families": [...], "max_words": W}: N batches from those families' records of at most W words
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
@@ -150,6 +152,32 @@ def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> 
     return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed)
 
 
+def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig):
+    """The whole run's batch order: the warm-up stage, the further stages, then the (weighted) full mix."""
+    stages = list(cfg.stages)
+    if cfg.warmup_steps and cfg.warmup_families:
+        stages.insert(0, {"steps": cfg.warmup_steps, "families": cfg.warmup_families})
+    order = mixed_order(records, lengths, cfg)
+    for n, stage in reversed(list(enumerate(stages))):  # nest from the last stage outwards
+        unknown = set(stage) - {"steps", "families", "max_words"}
+        if unknown or not isinstance(stage.get("steps"), int) or stage["steps"] < 1:
+            raise ValueError(f"curriculum stage {n} {stage}: needs a whole number 'steps' >= 1 and at most "
+                             f"'families' and 'max_words' besides (unknown keys: {sorted(unknown)})")
+        families, max_words = set(stage.get("families") or []), stage.get("max_words")
+        picked = [i for i, r in enumerate(records)
+                  if (not families or r.get("family") in families)
+                  and (max_words is None or _words(r) <= max_words)]
+        if len(picked) < cfg.batch_size:
+            raise ValueError(f"curriculum stage {n} {stage} matches {len(picked)} training records, "
+                             f"fewer than one batch of {cfg.batch_size}")
+        order = StagedOrder(SubsetOrder(picked, lengths, cfg.batch_size, cfg.seed + n), stage["steps"], order)
+    return order
+
+
+def _words(record: dict) -> int:
+    return sum(len(str(turn.get("value", "")).split()) for turn in record.get("conversations", []))
+
+
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
     """Train (or resume) a teacher; returns the final held-out results. Writes cfg.out atomically at the end.
 
@@ -202,14 +230,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         print(f"resuming from {checkpoints[-1]} at step {start}")
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    order = mixed_order(train_records, dataset.lengths, cfg)
-    if cfg.warmup_steps and cfg.warmup_families:
-        families = set(cfg.warmup_families)
-        picked = [i for i, r in enumerate(train_records) if r.get("family") in families]
-        if len(picked) < cfg.batch_size:
-            raise ValueError(f"warmup_families {cfg.warmup_families} match {len(picked)} training records, "
-                             f"fewer than one batch of {cfg.batch_size}")
-        order = StagedOrder(SubsetOrder(picked, dataset.lengths, cfg.batch_size, cfg.seed), cfg.warmup_steps, order)
+    order = curriculum_order(train_records, dataset.lengths, cfg)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress)
     # Preloaded items are shared with forked workers; padding a batch of 128 still costs the main process

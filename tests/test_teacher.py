@@ -123,6 +123,27 @@ def test_family_weights_repeat_records_of_a_family(world):
         mixed_order(records, lengths, TeacherConfig(data=world, out="unused", batch_size=4, family_weights={"recall": 1.5}))
 
 
+def test_curriculum_stages_pick_their_records_in_order(world):
+    from matvlm.data.llava import load_records
+    from matvlm.teacher import _words, curriculum_order
+
+    records = load_records(Path(world) / "train.json")
+    short = sorted(_words(r) for r in records)[len(records) // 2]
+    cfg = TeacherConfig(data=world, out="unused", batch_size=4, warmup_families=["caption"], warmup_steps=2,
+                        stages=[{"steps": 3, "max_words": short}, {"steps": 1, "families": ["attribute", "count"]}])
+    batches = [b for _, b in zip(range(8), curriculum_order(records, [10] * len(records), cfg).iterate(0))]
+    assert [n for n, _ in batches] == list(range(8))
+    fam = [[records[i]["family"] for i in b] for _, b in batches]
+    assert all(f == "caption" for f in fam[0] + fam[1])
+    assert all(_words(records[i]) <= short for _, b in batches[2:5] for i in b)
+    assert set(fam[5]) <= {"attribute", "count"}
+    resumed = [b for _, b in zip(range(4), curriculum_order(records, [10] * len(records), cfg).iterate(4))]
+    assert resumed == batches[4:8]  # batch k is the same whether the run started at 0 or resumed
+    for bad in ({"steps": 0}, {"steps": 2, "famlies": ["caption"]}, {"steps": 2, "max_words": 0}):
+        with pytest.raises(ValueError, match="stage"):
+            curriculum_order(records, [10] * len(records), TeacherConfig(data=world, out="u", batch_size=4, stages=[bad]))
+
+
 def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_path):
     from safetensors.torch import save_file
 
