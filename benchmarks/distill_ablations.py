@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from matvlm.eval.report import write_json_atomic
+
 # name -> DistillConfig overrides; the base is the default recipe at 25%.
 VARIANTS: dict[str, dict] = {
     "ratio_12.5": {"ratio": 0.125},
@@ -115,9 +117,7 @@ def run(args) -> None:
             order = list(VARIANTS)
             ordered = sorted(variants.values(), key=lambda v: order.index(v["name"]) if v["name"] in order else len(order))
             results = {"teacher": teacher, "settings": vars(args), "device": device_name(), "variants": ordered}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            os.replace(tmp, path)
+            write_json_atomic(path, results, indent=1)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(one, names))

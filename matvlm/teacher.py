@@ -21,7 +21,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
 from .data.preload import PreloadedDataset
-from .data.llava import SupervisedDataset, build_image_processor, collate, load_records, warn_truncated_answers
+from .data.llava import (
+    SupervisedDataset,
+    build_image_processor,
+    collate,
+    load_records,
+    record_words,
+    warn_truncated_answers,
+)
 from .data.tokenizer import train_tokenizer
 from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
@@ -166,16 +173,12 @@ def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig
         families, max_words = set(stage.get("families") or []), stage.get("max_words")
         picked = [i for i, r in enumerate(records)
                   if (not families or r.get("family") in families)
-                  and (max_words is None or _words(r) <= max_words)]
+                  and (max_words is None or record_words(r) <= max_words)]
         if len(picked) < cfg.batch_size:
             raise ValueError(f"curriculum stage {n} {stage} matches {len(picked)} training records, "
                              f"fewer than one batch of {cfg.batch_size}")
         order = StagedOrder(SubsetOrder(picked, lengths, cfg.batch_size, cfg.seed + n), stage["steps"], order)
     return order
-
-
-def _words(record: dict) -> int:
-    return sum(len(str(turn.get("value", "")).split()) for turn in record.get("conversations", []))
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:

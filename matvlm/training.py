@@ -155,20 +155,35 @@ def micro_batches(batch: dict, max_tokens: int, multiple: int = 1) -> list[dict]
     compile, tune and cache. Short batches stay whole; a batch of long records is split instead of
     running out of memory. Rows with images keep their own pixel_values.
     """
+    return row_chunks(batch, micro_batch_bounds(batch, max_tokens), multiple)
+
+
+def micro_batch_bounds(batch: dict, max_tokens: int) -> list[tuple[int, int]]:
+    """(first row, end row) of each micro-batch of `micro_batches`: consecutive rows while they fit."""
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    image_index = torch.cumsum(batch["has_image"].long(), 0) - 1
-    chunks, start = [], 0
+    bounds, start = [], 0
     while start < len(lengths):
         stop = start + 1
         while stop < len(lengths) and (stop + 1 - start) * max(lengths[start : stop + 1]) <= max_tokens:
             stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def row_chunks(batch: dict, bounds: list[tuple[int, int]], multiple: int = 1) -> list[dict]:
+    """Rows start..stop-1 of a collated batch for each bound, trimmed to their longest row (rounded up to
+    `multiple`, at most the batch's width), with the pixel_values of those rows' images."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    image_index = torch.cumsum(batch["has_image"].long(), 0) - 1
+    chunks = []
+    for start, stop in bounds:
         width = min(-(-max(lengths[start:stop]) // multiple) * multiple, batch["input_ids"].shape[1])
         chunk = {k: batch[k][start:stop, :width] for k in ("input_ids", "attention_mask", "labels") if k in batch}
         rows = batch["has_image"][start:stop]
         pixels = batch["pixel_values"]
         chunk["pixel_values"] = pixels[image_index[start:stop][rows]] if pixels is not None and rows.any() else None
         chunks.append(chunk)
-        start = stop
     return chunks
 
 

@@ -124,8 +124,8 @@ def test_family_weights_repeat_records_of_a_family(world):
 
 
 def test_curriculum_stages_pick_their_records_in_order(world):
-    from matvlm.data.llava import load_records
-    from matvlm.teacher import _words, curriculum_order
+    from matvlm.data.llava import load_records, record_words as _words
+    from matvlm.teacher import curriculum_order
 
     records = load_records(Path(world) / "train.json")
     short = sorted(_words(r) for r in records)[len(records) // 2]

@@ -20,7 +20,6 @@ the same layout as an unsharded run's: a run can resume under the other sharding
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..training import micro_batches
+from ..training import micro_batch_bounds, row_chunks
 
 SHARDINGS = ("auto", "ddp", "fsdp2")
 
@@ -207,28 +206,11 @@ def even_micro_batches(batch: dict, max_tokens: int, multiple: int, count: int) 
     same number; splitting rows changes no loss (each is a sum divided by a global count). Every rank has
     the same number of rows, so the rank with the most chunks has at most one row per chunk.
     """
-    chunks = micro_batches(batch, max_tokens, multiple)
-    if len(chunks) >= count:
-        return chunks
-    bounds, start = [], 0
-    for chunk in chunks:
-        rows = chunk["input_ids"].shape[0]
-        bounds.append((start, start + rows))
-        start += rows
+    bounds = micro_batch_bounds(batch, max_tokens)
     while len(bounds) < count:
         i = max(range(len(bounds)), key=lambda j: bounds[j][1] - bounds[j][0])
         a, b = bounds[i]
         if b - a < 2:
-            raise RuntimeError(f"cannot split {start} rows into {count} micro-batches")
+            raise RuntimeError(f"cannot split {bounds[-1][1]} rows into {count} micro-batches")
         bounds[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-    return [micro_batches(_rows(batch, a, b), sys.maxsize, multiple)[0] for a, b in bounds]
-
-
-def _rows(batch: dict, a: int, b: int) -> dict:
-    """Rows a..b-1 of a collated batch, with the images of those rows (stacked in row order)."""
-    has_image = batch["has_image"]
-    first, n = int(has_image[:a].sum()), int(has_image[a:b].sum())
-    out = {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels", "has_image") if k in batch}
-    pixels = batch.get("pixel_values")
-    out["pixel_values"] = pixels[first : first + n] if pixels is not None and n else None
-    return out
+    return row_chunks(batch, bounds, multiple)
