@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     teacher = build_teacher(args.shape, device, dtype, seed=SEED)
     config = teacher.config
     student = to_hybrid(teacher, ratio=args.ratio)
-    distiller = Distiller(teacher, student, LossSettings(), train_connector=True)
+    distiller = Distiller(teacher, student, LossSettings(gamma_ce=0.0), train_connector=True)  # times KL + layer, as before
     del teacher  # the distiller keeps what it needs; the rest is shared with the student
     for m in distiller.trainable_modules():
         m.float()  # fp32 master weights; autocast runs the matmuls in bf16

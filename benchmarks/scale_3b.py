@@ -52,6 +52,7 @@ def main() -> None:
                     "batch": args.batch, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio,
                     "logit_impl": args.logit_impl, "compile_layers": args.compile_layers}
 
+    torch.manual_seed(0)  # the same random weights and data in every run: their losses compare
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     config = tinyllava_3b_config()
@@ -71,16 +72,14 @@ def main() -> None:
     report["convert_peak_extra_gib"] = gib(torch.cuda.max_memory_allocated() - before)
     report["mixer_layers"] = student.config.mamba_layers
 
-    distiller = Distiller(teacher, student, LossSettings(logit_impl=args.logit_impl), train_connector=True)
+    distiller = Distiller(teacher, student, LossSettings(gamma_ce=0.0, logit_impl=args.logit_impl), train_connector=True)
     del teacher
     for m in distiller.trainable_modules():
         m.float()
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.compile_layers:  # in place: the same modules (and state_dict keys); the teacher pass's swapped-in
-        for layer in student.model.language_model.layers:  # attention modules give each layer a second graph
-            layer.compile()
-        student.model.vision_tower.compile()
+    if args.compile_layers:  # the teacher pass's swapped-in attention modules give each layer a second graph
+        student.compile_layers()
     distiller.train()
     torch.cuda.empty_cache()
     trainable = [p for p in distiller.parameters() if p.requires_grad]
@@ -98,7 +97,7 @@ def main() -> None:
     labels[:, :1000] = -100
     pixels = torch.randn(B, 3, 384, 384, device=dev)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             parts = distiller(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
             loss = parts["layer"] / (B * L) + parts["kl"] / (B * L)
@@ -106,16 +105,17 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    for _ in range(args.warmup):
-        step()
+    # Same seed, same data: the loss sequence of every variant (eager / compiled, chunked / liger) should agree.
+    losses = [step() for _ in range(args.warmup)]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    losses += [step() for _ in range(args.steps)]
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
+    report["losses"] = [round(float(x), 6) for x in losses]
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -38,6 +38,10 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+# Kept out of torch.compile graphs (`compile_layers`): inductor (torch 2.13, CPU) fails on this function's
+# symbolic chunk shapes once lengths vary ("cannot determine truth value of Relational"). The layer around it
+# still compiles; on GPUs the scan is mamba_ssm's kernel anyway.
+@torch.compiler.disable
 def ssd_chunked_torch(
     x: Tensor,
     dt: Tensor,

@@ -356,3 +356,35 @@ def test_layer_loss_alone_leaves_the_connector_frozen(teacher):
     parts = d(**_batch(teacher.config))
     parts["layer"].backward()
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)  # no trained tensor without a gradient
+
+
+def test_held_out_evaluation_runs_on_bf16_frozen_and_fp32_trained_weights(tiny_teacher):
+    """The trainer on a GPU holds frozen weights in bf16 and the trained ones (connector, mixers) in fp32:
+    its held-out evaluation must run under the training autocast (it failed there once, on 2 GPUs)."""
+    from matvlm.data.llava import load_records
+    from matvlm.distill.trainer import _evaluate
+    from matvlm.io import load_processor
+
+    world, path = tiny_teacher
+    teacher = load_vlm(path, dtype=torch.bfloat16)
+    distiller = Distiller(teacher, to_hybrid(teacher, ratio=0.5), LossSettings())
+    for module in distiller.trainable_modules():
+        module.float()
+    records, images = load_records(world / "test.json")[:3], [str(world / "images")]
+    processor = load_processor(path)
+    with pytest.raises(RuntimeError, match="dtype"):  # why the autocast is needed
+        _evaluate(distiller, processor, records, images, "phi", torch.autocast("cpu", enabled=False))
+    res = _evaluate(distiller, processor, records, images, "phi", torch.autocast("cpu", dtype=torch.bfloat16))
+    assert 0.0 <= res["average"] <= 1.0 and res["families"]
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_losses_and_the_same_checkpoint_keys(tiny_teacher, tmp_path):
+    eager = distill(_cfg(tiny_teacher, tmp_path / "eager", steps=3, save_every=3), progress=False)
+    compiled = distill(_cfg(tiny_teacher, tmp_path / "compiled", steps=3, save_every=3, compile_layers=True),
+                       progress=False)
+    torch.testing.assert_close(torch.tensor([r[1:5] for r in compiled["history"]]),
+                               torch.tensor([r[1:5] for r in eager["history"]]), rtol=1e-4, atol=1e-5)
+    a, b = load_vlm(tmp_path / "eager").state_dict(), load_vlm(tmp_path / "compiled").state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3

@@ -93,7 +93,7 @@ class DistillConfig:
     # losses
     alpha_layer: float = 1.0
     beta_kl: float = 1.0
-    gamma_ce: float = 0.0
+    gamma_ce: float = 1.0  # the paper uses 0; CE helped in every ablation we ran (benchmarks/distill_ablations.md)
     temperature: float = 1.0
     layer_loss: str = "mse"
     kl_positions: str = "all"
@@ -116,6 +116,7 @@ class DistillConfig:
     max_length: int = 2048
     bf16: bool = True  # autocast on the GPU; frozen weights in bf16 there
     gradient_checkpointing: bool = False
+    compile_layers: bool = False  # torch.compile each decoder layer and the vision tower (GPU: ~2x at 3.1B)
     num_workers: int = 4
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     seed: int = 0
@@ -154,7 +155,8 @@ class DistillConfig:
 
 # Options that may change when a run resumes; every other one must match the saved config.
 RESUMABLE_CHANGES = {"num_workers", "preload", "save_every", "eval_every", "eval_records", "eval_data", "out", "data", "images",
-                     "teacher", "student", "max_batch_tokens", "gradient_checkpointing", "sharding"}
+                     "teacher", "student", "max_batch_tokens", "gradient_checkpointing", "sharding",
+                     "compile_layers"}
 
 
 def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
@@ -252,6 +254,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         module.float()  # master weights of what trains stay fp32; autocast runs the matmuls in bf16
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile_layers:  # before sharding and DDP, as torchtitan does: they wrap the compiled modules
+        student.compile_layers()
     distiller.train()
 
     processor = load_processor(cfg.teacher)
@@ -375,7 +379,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
                 logs.write(history)
             accelerator.wait_for_everyone()
         if (main or sharded) and cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < total_steps:
-            res = _evaluate(distiller, processor, eval_records, cfg, template)  # sharded: all ranks alike
+            res = _evaluate(distiller, processor, eval_records, cfg.images, template, autocast)  # sharded: all ranks alike
             if main:
                 bar.write(f"step {step}: held-out average {res['average']:.3f}")
             distiller.train()
@@ -390,7 +394,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     if main or sharded:  # sharded: every rank takes part in evaluation and in gathering the weights
         distiller.eval()
         if eval_records:
-            summary["heldout"] = _evaluate(distiller, processor, eval_records, cfg, template)
+            summary["heldout"] = _evaluate(distiller, processor, eval_records, cfg.images, template, autocast)
         full = full_tensors(distiller.student.state_dict(), main) if sharded else None
         if main:
             _write_output(cfg, distiller, template, summary, history, run_dir, full)
@@ -398,10 +402,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     return summary
 
 
-def _evaluate(distiller: Distiller, processor, records: list[dict], cfg: DistillConfig, template: str) -> dict:
+def _evaluate(distiller: Distiller, processor, records: list[dict], images: list[str], template: str,
+              autocast: torch.autocast) -> dict:
+    """Held-out scores of the student as it trains: under the training autocast, since the trained parts
+    (connector, mixers) keep fp32 master weights next to bf16 frozen ones."""
     distiller.eval()
-    with root_unsharded(distiller):
-        res = evaluate(distiller.student, processor.tokenizer, processor.image_processor, records, cfg.images, template,
+    with root_unsharded(distiller), autocast:
+        res = evaluate(distiller.student, processor.tokenizer, processor.image_processor, records, images, template,
                        batch_size=64, progress=False)
     return {k: v for k, v in res.items() if k != "records"}
 
