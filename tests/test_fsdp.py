@@ -215,3 +215,26 @@ def test_even_micro_batches_split_rows_and_keep_their_images():
     assert even_micro_batches(batch, 100, 1, 1)[0]["input_ids"].shape == (4, 9)
     with pytest.raises(RuntimeError, match="cannot split"):
         even_micro_batches(batch, 100, 1, 5)
+
+
+def test_every_fsdp2_group_holds_one_dtype_as_on_a_gpu(tiny_teacher):  # noqa: F811
+    """On a GPU the frozen weights are bf16 and the trained ones fp32, and FSDP2 gathers a group's
+    parameters in one flat buffer: no group may mix the two. (On the CPU both are fp32, so the gloo test
+    above cannot see this.)"""
+    from matvlm.convert import to_hybrid
+    from matvlm.distill import Distiller, LossSettings
+    from matvlm.distill.sharding import shard_groups
+
+    teacher = load_vlm(tiny_teacher[1], dtype=torch.bfloat16)
+    distiller = Distiller(teacher, to_hybrid(teacher, ratio=0.5), LossSettings())
+    for module in distiller.trainable_modules():
+        module.float()
+    owned: set[int] = set()
+    dtypes_per_group = []
+    for group in shard_groups(distiller):
+        params = [p for p in group.parameters() if id(p) not in owned]
+        owned |= {id(p) for p in params}
+        dtypes_per_group.append({p.dtype for p in params})
+        assert len(dtypes_per_group[-1]) <= 1, (type(group).__name__, dtypes_per_group[-1])
+    assert owned == {id(p) for p in distiller.parameters()}  # every parameter is in some group
+    assert {torch.float32} in dtypes_per_group and {torch.bfloat16} in dtypes_per_group

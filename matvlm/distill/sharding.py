@@ -93,25 +93,31 @@ def shard_distiller(distiller: nn.Module, device: torch.device, reshard_after_fo
     # The warning is about writing into a module's output in place, which the distiller never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    student = distiller.student
-    for i, mixer in student.mixers().items():
-        fully_shard(mixer, **kw)
-        fully_shard(distiller.teacher_attention[str(i)], **kw)
-    if distiller.train_connector:
-        fully_shard(student.model.multi_modal_projector, **kw)
-    for layer in _vision_layers(student.model.vision_tower):
-        fully_shard(layer, **kw)
-    for layer in distiller.decoder_layers:
-        fully_shard(layer, **kw)
-    fully_shard(distiller, mesh=mesh)  # root: not resharded after forward, its backward follows at once
+    *inner, root = shard_groups(distiller)
+    for module in inner:
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh)  # root: not resharded after forward, its backward follows at once
     # A trained tensor without a gradient on one rank (e.g. the connector on a micro-batch without images)
     # must still join the reduce-scatter, or the ranks' collectives differ.
     if hasattr(distiller, "set_reduce_scatter_unused_params"):  # recent torch only
         distiller.set_reduce_scatter_unused_params(True)
     # Evaluation runs on every rank: transformers' generate() sees this flag and keeps the ranks stepping
     # together (synced_gpus) until all are done, should their answers differ in length.
-    student._is_fsdp_managed_module = True
+    distiller.student._is_fsdp_managed_module = True
+
+
+def shard_groups(distiller: nn.Module) -> list[nn.Module]:
+    """The modules that become FSDP2 groups (see the module docstring), inner ones first, the root last.
+    A group owns the parameters of its module that no earlier group owns; FSDP2 needs them in one dtype."""
+    student = distiller.student
+    groups: list[nn.Module] = []
+    for i, mixer in student.mixers().items():
+        groups += [mixer, distiller.teacher_attention[str(i)]]
+    if distiller.train_connector:
+        groups.append(student.model.multi_modal_projector)
+    groups += _vision_layers(student.model.vision_tower)
+    groups += list(distiller.decoder_layers)
+    return groups + [distiller]
 
 
 def _vision_layers(tower: nn.Module) -> list[nn.Module]:
