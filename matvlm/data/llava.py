@@ -321,6 +321,20 @@ class SupervisedDataset(Dataset):
             self._lengths = out
         return self._lengths
 
+    def token_counts(self, sample: int | None = None, seed: int = 0) -> list[int]:
+        """Exact tokens per record as training sees them (image block included, cut at max_length), over
+        every record or a random sample; no image is read. Bad records are left out (find_problems)."""
+        indices = range(len(self.records))
+        if sample is not None and sample < len(self.records):
+            indices = random.Random(seed).sample(indices, sample)
+        counts = []
+        for index in indices:
+            try:
+                counts.append(len(self._encode_text(index)[1]))
+            except BadRecordError:
+                continue
+        return counts
+
     def truncated_answers(self, sample: int = 2000, seed: int = 0) -> tuple[int, int]:
         """(records that lose answer tokens to max_length, records checked) over a random sample: a record
         cut at the end keeps training on what is left, so this is the only sign its answers never count."""
