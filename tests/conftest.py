@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +47,12 @@ def greedy_no_cache(model, input_ids, pixel_values, steps, banned):
         logits[:, banned] = float("-inf")
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, input_ids.shape[1]:]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, e.g. load_benchmark("distill_ablations")."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

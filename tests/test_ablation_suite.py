@@ -1,18 +1,14 @@
 """The ablation suite's bookkeeping: calls with --only merge into one results.json, in the suite's order."""
 
-import importlib.util
 import json
 from argparse import Namespace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 def load_suite():
-    spec = importlib.util.spec_from_file_location("distill_ablations", ROOT / "benchmarks" / "distill_ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("distill_ablations")
 
 
 def test_split_runs_merge_and_keep_the_teacher_eval(tmp_path, monkeypatch):

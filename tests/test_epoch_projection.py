@@ -1,25 +1,14 @@
 """The epoch projection from a data set's exact token counts (benchmarks/epoch_projection.py)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from matvlm.data.llava import SupervisedDataset, load_records
 from matvlm.io import load_processor
 
+from .conftest import load_benchmark
 from .test_distill import tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("epoch_projection", ROOT / "benchmarks" / "epoch_projection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_token_counts_are_the_lengths_training_sees(tiny_teacher):  # noqa: F811
     world, teacher = tiny_teacher
@@ -48,7 +37,7 @@ def test_projection_divides_the_epoch_tokens_by_the_measured_speed(tiny_teacher,
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"tokens_per_second": 250.0, "device": "test"}))
     out = tmp_path / "projection.json"
-    result = _script().main(["--teacher", str(teacher), "--data", str(world / "train.json"), "--bench", str(bench),
+    result = load_benchmark("epoch_projection").main(["--teacher", str(teacher), "--data", str(world / "train.json"), "--bench", str(bench),
                              "--sample", "0", "--out", str(out)])
     records = load_records(world / "train.json")
     assert result["records"] == result["sampled"] == len(records) and result["skipped_bad"] == 0
