@@ -10,6 +10,7 @@ from matvlm.io import load_processor
 from .conftest import load_benchmark
 from .test_distill import tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
 
+
 def test_token_counts_are_the_lengths_training_sees(tiny_teacher):  # noqa: F811
     world, teacher = tiny_teacher
     processor = load_processor(teacher)
