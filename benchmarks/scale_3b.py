@@ -45,12 +45,14 @@ def main() -> None:
     p.add_argument("--logit-impl", choices=["chunked", "liger"], default="chunked", help="KL/CE through the chunked torch path or liger's fused kernels")
     p.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each decoder layer and the vision tower (fuses the element-wise work around the matmuls)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile-layers (e.g. reduce-overhead)")
     args = p.parse_args()
     dev = torch.device("cuda")
     report: dict = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
                     "torch": torch.__version__, "scan_backend": kernels.scan_backend("cuda"), "dtype": "bfloat16",
                     "batch": args.batch, "tokens": args.tokens, "image_tokens": 728, "ratio": args.ratio,
-                    "logit_impl": args.logit_impl, "compile_layers": args.compile_layers}
+                    "logit_impl": args.logit_impl, "compile_layers": args.compile_layers,
+                    "compile_mode": args.compile_mode}
 
     torch.manual_seed(0)  # the same random weights and data in every run: their losses compare
     torch.cuda.reset_peak_memory_stats()
@@ -79,7 +81,7 @@ def main() -> None:
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.compile_layers:  # the teacher pass's swapped-in attention modules give each layer a second graph
-        student.compile_layers()
+        student.compile_layers(mode=args.compile_mode)
     distiller.train()
     torch.cuda.empty_cache()
     trainable = [p for p in distiller.parameters() if p.requires_grad]

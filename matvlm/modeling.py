@@ -58,14 +58,15 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
         """Mixer modules by decoder layer index."""
         return {i: self.decoder_layers[i].self_attn for i in self.config.mamba_layers}
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, mode: str | None = None) -> None:
         """torch.compile each decoder layer and the vision tower, in place: the same modules and state_dict
         keys, so the distiller's shared weights, checkpoints and FSDP groups are unchanged. Fusing the
         element-wise work around the matmuls halved a 3.1B distillation step on an H100
-        (benchmarks/scale_3b.md). Lengths vary between batches: shapes become dynamic after a recompile."""
+        (benchmarks/scale_3b.md). Lengths vary between batches: shapes become dynamic after a recompile.
+        `mode`: torch.compile's (e.g. "reduce-overhead" adds CUDA graphs)."""
         for layer in self.decoder_layers:
-            layer.compile()
-        self.model.vision_tower.compile()
+            layer.compile(mode=mode)
+        self.model.vision_tower.compile(mode=mode)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, *, inputs_embeds=None, **kwargs):
         # Attention layers get the causal mask that transformers builds; mixers need the 2-D padding mask
