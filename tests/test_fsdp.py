@@ -101,13 +101,21 @@ def test_fsdp2_on_two_gpus_matches_one_gpu(tiny_teacher, tmp_path):  # noqa: F81
     _check_two_processes(tiny_teacher, tmp_path, gpu=True)
 
 
-def _check_two_processes(tiny_teacher, tmp_path, gpu: bool) -> None:
+def test_fsdp2_on_two_processes_with_the_dtypes_of_a_gpu_run(tiny_teacher, tmp_path):  # noqa: F811
+    """As on GPUs: frozen weights in bf16, trained ones in fp32, bf16 autocast (`bf16_cpu`), so that groups of
+    both dtypes are gathered and reduced, and evaluation runs on the mixed model. 2 CPU processes (gloo)
+    against one with `sharding: fsdp2`."""
+    _check_two_processes(tiny_teacher, tmp_path, gpu=False, bf16=True)
+
+
+def _check_two_processes(tiny_teacher, tmp_path, gpu: bool, bf16: bool = False) -> None:
     # Same options, one unsharded process. With a budget of 600 tokens per micro-batch, on some steps one
     # rank's two records fit in one micro-batch while the other rank's need two: the first rank then splits
     # its batch to run as many micro-batches (each gathers parameters, so the counts must agree).
-    kw = dict(steps=3, save_every=2, max_batch_tokens=600)
+    kw = dict(steps=3, save_every=2, max_batch_tokens=600, bf16_cpu=bf16)
+    mixed = gpu or bf16  # bf16 frozen weights and matmuls: looser tolerances
     held_out = dict(eval_data=str(tiny_teacher[0] / "test.json"), eval_records=3)  # evaluated at the end
-    base_run = distill(_cfg(tiny_teacher, tmp_path / "base", sharding="fsdp2" if gpu else "auto", **kw, **held_out),
+    base_run = distill(_cfg(tiny_teacher, tmp_path / "base", sharding="fsdp2" if mixed else "auto", **kw, **held_out),
                        progress=False)
     base = base_run["history"]
 
@@ -123,14 +131,14 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool) -> None:
     # (a) The loss curve (loss, layer, kl, ce) and the gradient norm of one unsharded process.
     assert first["whole_splits"] > 0  # the uneven micro-batch case did happen
     whole = torch.tensor(first["whole"], dtype=torch.float64)
-    curve_tol = dict(rtol=2e-3, atol=1e-5) if gpu else dict(rtol=1e-5, atol=1e-7)  # bf16 matmuls on the GPU
+    curve_tol = dict(rtol=2e-3, atol=1e-5) if mixed else dict(rtol=1e-5, atol=1e-7)  # bf16 matmuls
     torch.testing.assert_close(whole, torch.tensor([r[:6] for r in base], dtype=torch.float64), **curve_tol)
 
     # Held-out evaluation runs on both ranks (generation kept in step across them); on the CPU (float32)
     # it gives the same answers as one process.
     keys = ("average", "generated_tokens")
     assert all(k in first["whole_heldout"] for k in keys)
-    if not gpu:
+    if not mixed:
         assert {k: first["whole_heldout"][k] for k in keys} == {k: base_run["heldout"][k] for k in keys}
 
     # (c) Stopped after 2 steps and resumed in new processes: the same losses as the uninterrupted run.
@@ -148,7 +156,7 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool) -> None:
     assert trained
     for k, v in ref_sd.items():
         if k in trained or "multi_modal_projector" in k:
-            if gpu:  # bf16 compute and bf16 files: whole tensors close (a misplaced shard is far off)
+            if mixed:  # bf16 compute and bf16 files: whole tensors close (a misplaced shard is far off)
                 for other in (fsdp_sd[k], resumed_sd[k]):
                     assert (other.float() - v.float()).norm() <= 1e-2 * v.float().norm(), k
             else:
@@ -157,7 +165,7 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool) -> None:
         else:
             assert torch.equal(fsdp_sd[k], v) and torch.equal(resumed_sd[k], v), k  # frozen: bit for bit
     dtypes = [json.loads((tmp_path / d / "config.json").read_text())["dtype"] for d in ("base", "fsdp")]
-    assert dtypes == ["bfloat16" if gpu else "float32"] * 2
+    assert dtypes == ["bfloat16" if mixed else "float32"] * 2
 
     # Checkpoints hold full tensors in the unsharded layout (a run may resume under the other sharding).
     (base_ckpt, base_state, _), (fsdp_ckpt, fsdp_state, _) = (

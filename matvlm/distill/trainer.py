@@ -115,6 +115,7 @@ class DistillConfig:
     epochs: float = 1.0
     max_length: int = 2048
     bf16: bool = True  # autocast on the GPU; frozen weights in bf16 there
+    bf16_cpu: bool = False  # the same on the CPU: slow, for tests that reproduce a GPU run's dtypes
     gradient_checkpointing: bool = False
     compile_layers: bool = False  # torch.compile each decoder layer and the vision tower (GPU: ~2x at 3.1B)
     num_workers: int = 4
@@ -245,7 +246,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     if checkpoints:
         check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
 
-    dtype = torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32
+    bf16 = cfg.bf16 and (on_gpu or cfg.bf16_cpu)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(build_device))
     student = build_student(cfg, teacher)
     distiller = Distiller(teacher, student, cfg.loss_settings(), train_connector=cfg.train_connector)
@@ -315,7 +317,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     eval_records = load_records(cfg.eval_data)[: cfg.eval_records] if cfg.eval_data else []
     logs = _Logs(run_dir, enabled=main)
     bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (progress and main))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     step, tokens, began = start, 0, time.perf_counter()
     trained_params = [p for g in optimizer.param_groups for p in g["params"]]
     weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
