@@ -321,14 +321,17 @@ class SupervisedDataset(Dataset):
             self._lengths = out
         return self._lengths
 
+    def _sample_indices(self, sample: int | None, seed: int) -> Sequence[int]:
+        """Every record's index, or `sample` of them drawn at random (seeded)."""
+        if sample is None or sample >= len(self.records):
+            return range(len(self.records))
+        return random.Random(seed).sample(range(len(self.records)), sample)
+
     def token_counts(self, sample: int | None = None, seed: int = 0) -> list[int]:
         """Exact tokens per record as training sees them (image block included, cut at max_length), over
         every record or a random sample; no image is read. Bad records are left out (find_problems)."""
-        indices = range(len(self.records))
-        if sample is not None and sample < len(self.records):
-            indices = random.Random(seed).sample(indices, sample)
         counts = []
-        for index in indices:
+        for index in self._sample_indices(sample, seed):
             try:
                 counts.append(len(self._encode_text(index)[1]))
             except BadRecordError:
@@ -338,8 +341,7 @@ class SupervisedDataset(Dataset):
     def truncated_answers(self, sample: int = 2000, seed: int = 0) -> tuple[int, int]:
         """(records that lose answer tokens to max_length, records checked) over a random sample: a record
         cut at the end keeps training on what is left, so this is the only sign its answers never count."""
-        rng = random.Random(seed)
-        indices = rng.sample(range(len(self.records)), min(sample, len(self.records)))
+        indices = self._sample_indices(sample, seed)
         cut = 0
         for index in indices:
             try:
