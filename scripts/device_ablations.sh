@@ -1,7 +1,7 @@
 # On the GPU machine: the distillation ablations (benchmarks/distill_ablations.py) from the shipped teacher.
 # Usage: bash scripts/device_ablations.sh 1|2|3|4|long [PARALLEL] (calls of under 10 minutes; results.json merges,
 # and is written after every variant). 3: the variants of session 4 whose evaluation was cut off, and ratio
-# 12.5%. 4: the three still unscored after session 5. long: ratio 25% and 50% (with CE too) at a larger budget. Environment overrides: TEACHER (default the shipped one),
+# 12.5%. 4: the three scored in session 6 (identity conv, temperature 2, released normalisation). long: ratio 25% and 50% (with CE too) at a larger budget. Environment overrides: TEACHER (default the shipped one),
 # STEPS (400), EVAL (held-out records, 900), ABL_OUT (runs/abl), SECONDS_LIMIT (540).
 set -o pipefail
 source scripts/device_setup.sh

@@ -37,7 +37,8 @@ trainer.even_micro_batches = counting
 for run in json.loads(sys.argv[1]):
     splits[0] = 0
     summary = distill(DistillConfig(**run["cfg"]), resume=run["resume"], progress=False, stop_at=run["stop_at"])
-    total = torch.tensor(splits)
+    # NCCL reduces only CUDA tensors, gloo only CPU ones
+    total = torch.tensor(splits, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total)
     if dist.get_rank() == 0:  # one writer: lines of two processes interleave
         history = [row[:6] for row in summary["history"]]
