@@ -64,9 +64,7 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
         element-wise work around the matmuls halved a 3.1B distillation step on an H100
         (benchmarks/scale_3b.md). Lengths vary between batches: shapes become dynamic after a recompile.
         `mode`: torch.compile's (e.g. "reduce-overhead" adds CUDA graphs)."""
-        for layer in self.decoder_layers:
-            layer.compile(mode=mode)
-        self.model.vision_tower.compile(mode=mode)
+        compile_llava_layers(self, mode)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, *, inputs_embeds=None, **kwargs):
         # Attention layers get the causal mask that transformers builds; mixers need the 2-D padding mask
@@ -83,6 +81,15 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
+
+
+def compile_llava_layers(model: LlavaForConditionalGeneration, mode: str | None = None) -> None:
+    """torch.compile each decoder layer and the vision tower of a Llava model, in place (same modules and
+    state_dict keys). Per-layer graphs avoid tracing the whole model, whose output-capturing hooks break
+    the graph and recompile per module type."""
+    for layer in model.model.language_model.layers:
+        layer.compile(mode=mode)
+    model.model.vision_tower.compile(mode=mode)
 
 
 def register_auto_classes() -> None:

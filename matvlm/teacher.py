@@ -33,6 +33,7 @@ from .data.tokenizer import train_tokenizer
 from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
+from .modeling import compile_llava_layers
 from .training import (
     EpochOrder,
     check_same_run,
@@ -88,7 +89,8 @@ class TeacherConfig:
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
-    compile: bool = False  # torch.compile the training forward (dynamic lengths): fewer launches for a small model
+    compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
+    # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
     bf16: bool = True
@@ -157,6 +159,21 @@ def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> 
             raise ValueError(f"family_weights[{family!r}] must be a whole number >= 0, got {weight!r}")
     repeated = [i for i, r in enumerate(records) for _ in range(cfg.family_weights.get(r.get("family"), 1))]
     return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed)
+
+
+def compiled_forward(model: LlavaForConditionalGeneration, how: bool | str):
+    """The training forward: `model` itself, with its layers compiled in place (true / "layers"), or a
+    compiled wrapper that shares its parameters ("model"; evaluation and saving use the plain module).
+    On 2 CPU cores the per-layer graphs compile in 2:55 for 40 steps over three curriculum stages, the
+    whole model in 6:04, with the same losses (benchmarks/teacher_runs.md, session 6)."""
+    if how in (True, "layers"):
+        compile_llava_layers(model)
+        return model
+    if how == "model":
+        return torch.compile(model, dynamic=True)
+    if how in (False, None, ""):
+        return model
+    raise ValueError(f"compile: {how!r}; choose true / \"layers\", \"model\" or false")
 
 
 def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig):
@@ -262,8 +279,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         pending.clear()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 
-    # The compiled wrapper shares the model's parameters; evaluation and saving use the plain module.
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forward = compiled_forward(model, cfg.compile)
     model.train()
     for batch in loader:
         for group in optimizer.param_groups:
@@ -295,7 +311,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
         if evaluating:
-            res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
+            with torch.compiler.set_stance("force_eager"):  # generation's shapes would recompile the layers
+                res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
             bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
                 f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
             model.train()
@@ -316,7 +333,8 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
     model.eval()
     test_records = load_records(data / "test.json")
     final_records = test_records[: cfg.final_eval_records] if cfg.final_eval_records else test_records
-    results = evaluate(model, tokenizer, image_processor, final_records, [data / "images"], cfg.template,
+    with torch.compiler.set_stance("force_eager"):
+        results = evaluate(model, tokenizer, image_processor, final_records, [data / "images"], cfg.template,
                        batch_size=128, progress=progress)
     world = json.loads((data / "world.json").read_text()) if (data / "world.json").exists() else {}
     info = {
