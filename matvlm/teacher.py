@@ -34,6 +34,7 @@ from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
 from .modeling import compile_llava_layers
+from .profiling import StepProfiler
 from .training import (
     EpochOrder,
     check_same_run,
@@ -91,6 +92,7 @@ class TeacherConfig:
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
+    profile_at: int = 0  # profile 10 steps from this one into OUT.run/profile.txt (0: off)
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
     bf16: bool = True
@@ -125,7 +127,7 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
 
 
 # Options that may change between a run and its resumption; every other one must stay the same.
-RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
+RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "profile_at", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
 def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
@@ -280,8 +282,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 
     forward = compiled_forward(model, cfg.compile)
+    profiler = StepProfiler(cfg.profile_at, run_dir / "profile.txt", last=cfg.steps)
     model.train()
     for batch in loader:
+        profiler.begin(step + 1)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
         # Mean CE over every answer token of the whole batch, however it is split into micro-batches.
@@ -297,6 +301,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        profiler.end(step)
+        if profiler.summary and step == profiler.stop:
+            bar.write(f"profile of steps {profiler.summary['steps']}: {profiler.summary} ({run_dir / 'profile.txt'})")
         batch_tokens = int(batch["attention_mask"].sum())
         tokens += batch_tokens
         pending.append((step, loss, grad_norm, batch_tokens))

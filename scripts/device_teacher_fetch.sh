@@ -2,6 +2,7 @@
 # Usage: bash scripts/device_teacher_fetch.sh [RUN_DIR] (default runs/teacher.run); writes into $OUT.
 RUN=${1:-runs/teacher.run}
 cp "$RUN/log.csv" "$OUT/teacher_log.csv" 2>/dev/null || true
+cp "$RUN/profile.txt" "$OUT/teacher_profile.txt" 2>/dev/null || true
 RUN=$RUN python3 - <<'PY' || true
 import os, torch
 from safetensors.torch import save_file

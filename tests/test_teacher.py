@@ -1,5 +1,6 @@
 """The teacher trainer on a tiny world: the loss falls, an interrupted run resumes exactly, output loads."""
 
+import ast
 import json
 from collections import Counter
 from pathlib import Path
@@ -205,3 +206,13 @@ def test_compiled_training_forward_gives_the_eager_losses(world, tmp_path, how):
 def test_unknown_compile_choice_is_refused():
     with pytest.raises(ValueError, match="compile: 'fast'"):
         compiled_forward(None, "fast")
+
+
+def test_a_window_of_steps_is_profiled_into_the_run_folder(world, tmp_path):
+    out = tmp_path / "profiled"
+    train_teacher(tiny_cfg(world, out, steps=3, save_every=3, profile_at=2), progress=False, stop_at=3)
+    text = (out.with_name("profiled.run") / "profile.txt").read_text()
+    summary = ast.literal_eval(text.splitlines()[0])
+    # The window of 10 steps from step 2 is cut at the run's last step (3), so it still closes and writes.
+    assert summary["steps"] == [2, 3] and summary["step_ms"] > 0
+    assert "aten::" in text  # the operator table
