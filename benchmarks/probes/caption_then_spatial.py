@@ -1,7 +1,10 @@
-# Usage: python benchmarks/probes/caption_then_spatial.py CAPTION_STEPS SPATIAL_STEPS [WORKDIR]  (session 6: 0 2500 and 1000 2500)
+# Usage: python benchmarks/probes/caption_then_spatial.py FIRST_STEPS SPATIAL_STEPS [WORKDIR] [caption|where]
+# (session 6: 0 2500, 1000 2500 caption, 1000 2500 where)
 # Probe: can the teacher's architecture (patch 32: one grid cell per image token) learn the spatial family's
 # relations between two named objects, from scratch or after caption-only steps (which made colour-shape
-# binding learnable in session 2)? Held-out accuracy on 300 spatial test records every 250 steps.
+# binding learnable in session 2), or after "where" steps (questions on the spatial training images whose
+# answer is an object's grid cell: "Where is the red circle?" -> "row 3, column 1", made here from the scenes)?
+# Held-out accuracy on 300 spatial test records every 250 steps.
 import sys, random, torch, pathlib
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
 from matvlm.data.synth import generate_world
@@ -15,7 +18,20 @@ work = pathlib.Path(sys.argv[3] if len(sys.argv) > 3 else 'probe_spatial')
 for fam, n_test in (('caption', 0), ('spatial', 300)):
     if not (work / fam / 'train.json').exists():
         generate_world(work / fam, n_train=8000, n_test=n_test, seed=0, image_size=128, families=[fam], workers=1)
+first = sys.argv[4] if len(sys.argv) > 4 else 'caption'
 cap, sp = load_records(work / 'caption/train.json'), load_records(work / 'spatial/train.json')
+if first == 'where':  # one question per image about an object that its colour and shape name uniquely
+    where = []
+    for r in sp:
+        objs = r['scene']['objects']
+        unique = [o for o in objs if sum(p['color'] == o['color'] and p['shape'] == o['shape'] for p in objs) == 1]
+        if not unique:
+            continue
+        o = random.choice(unique)
+        where.append({'id': r['id'] + '-where', 'image': r['image'], 'conversations': [
+            {'from': 'human', 'value': f"<image>\nWhere is the {o['color']} {o['shape']}?"},
+            {'from': 'gpt', 'value': f"row {o['row'] + 1}, column {o['col'] + 1}"}]})
+    cap = where
 sp_test = load_records(work / 'spatial/test.json')
 tok = train_tokenizer(conversation_texts(sp + cap), vocab_size=512, template='phi_short')
 cfg = TeacherConfig(data='', out='', template='phi_short', vocab_size=512, patch_size=32, vision_hidden=128, vision_layers=3,
@@ -23,7 +39,7 @@ cfg = TeacherConfig(data='', out='', template='phi_short', vocab_size=512, patch
 model = build_teacher(cfg, tok).train()
 ip = build_image_processor(128)
 mk = lambda recs, d: PreloadedDataset(SupervisedDataset(recs, [d], tok, ip, 'phi_short', num_image_tokens=16, max_length=1024), workers=0, progress=False)
-ds_cap, ds_sp = mk(cap, work / 'caption/images'), mk(sp, work / 'spatial/images')
+ds_cap, ds_sp = mk(cap, work / (first if first == 'caption' else 'spatial') / 'images'), mk(sp, work / 'spatial/images')
 opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
@@ -41,5 +57,5 @@ def run(ds, steps, tag, start):
             print(tag, step, round(loss.item(), 3), 'spatial', round(res['average'], 3), flush=True)
 
 
-run(ds_cap, cap_steps, 'caption', 0)
+run(ds_cap, cap_steps, first, 0)
 run(ds_sp, sp_steps, 'spatial', cap_steps)
