@@ -1,11 +1,11 @@
 # Usage: python benchmarks/probes/caption_then_spatial.py FIRST_STEPS SPATIAL_STEPS [WORKDIR] [caption|where]
-# (session 6: 0 2500, 1000 2500 caption, 1000 2500 where)
+# (session 6: 0 2500, 1000 2500 caption, 1000 2500 where; POS=sincos 0 2000)
 # Probe: can the teacher's architecture (patch 32: one grid cell per image token) learn the spatial family's
 # relations between two named objects, from scratch or after caption-only steps (which made colour-shape
 # binding learnable in session 2), or after "where" steps (questions on the spatial training images whose
 # answer is an object's grid cell: "Where is the red circle?" -> "row 3, column 1", made here from the scenes)?
 # Held-out accuracy on 300 spatial test records every 250 steps.
-import sys, random, torch, pathlib
+import os, sys, random, torch, pathlib
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
 from matvlm.data.synth import generate_world
 from matvlm.teacher import TeacherConfig, build_teacher, conversation_texts
@@ -37,6 +37,14 @@ tok = train_tokenizer(conversation_texts(sp + cap), vocab_size=512, template='ph
 cfg = TeacherConfig(data='', out='', template='phi_short', vocab_size=512, patch_size=32, vision_hidden=128, vision_layers=3,
                     vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4, heads=4, intermediate=512)
 model = build_teacher(cfg, tok).train()
+if os.environ.get('POS') == 'sincos':  # SigLIP's learned position embeddings start as a 2-D sin-cos code
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    side, dim = int(table.shape[0] ** 0.5), table.shape[1]
+    freq = 1.0 / (100 ** (torch.arange(dim // 4) / (dim // 4)))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing='ij')
+    code = [f(t.flatten()[:, None].float() * freq) for t in (rows, cols) for f in (torch.sin, torch.cos)]
+    with torch.no_grad():
+        table.copy_(torch.cat(code, dim=1))
 ip = build_image_processor(128)
 mk = lambda recs, d: PreloadedDataset(SupervisedDataset(recs, [d], tok, ip, 'phi_short', num_image_tokens=16, max_length=1024), workers=0, progress=False)
 ds_cap, ds_sp = mk(cap, work / (first if first == 'caption' else 'spatial') / 'images'), mk(sp, work / 'spatial/images')
