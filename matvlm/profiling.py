@@ -13,14 +13,14 @@ from torch.autograd import DeviceType
 class StepProfiler:
     """Profiles steps `start` .. `start + steps - 1` (1-based, as a loop counts finished steps; cut at `last`,
     the run's final step, so that a window near the end still closes) and writes a summary line and the top
-    operators to `path`. Call `begin(n)` before step n runs and `end(n)` after."""
+    operators to `path`. Call `begin(n)` before step n runs and `end(n)` after; `end` returns the summary
+    at the step that closes the window, else None."""
 
     def __init__(self, start: int, path: str | Path, steps: int = 10, last: int | None = None):
         self.start, self.path = start, Path(path)
         self.stop = start + steps - 1 if last is None else min(start + steps - 1, last)
         self.profile: torch.profiler.profile | None = None
         self.began = 0.0
-        self.summary: dict | None = None
 
     def begin(self, step: int) -> None:
         if self.start <= 0 or step != self.start:
@@ -33,9 +33,9 @@ class StepProfiler:
         self.profile.start()
         self.began = time.perf_counter()
 
-    def end(self, step: int) -> None:
+    def end(self, step: int) -> dict | None:
         if self.profile is None or step != self.stop:
-            return
+            return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.began
@@ -45,7 +45,7 @@ class StepProfiler:
         # Kernel time summed over the window: the share of the step the GPU was busy (streams may overlap).
         device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
         kernels = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
-        self.summary = {
+        summary = {
             "steps": [self.start, self.stop],
             "step_ms": round(1e3 * wall / n, 2),
             "gpu_kernel_ms_per_step": round(device_us / 1e3 / n, 2),
@@ -54,5 +54,6 @@ class StepProfiler:
         }
         sort = "self_cuda_time_total" if device_us else "self_cpu_time_total"
         table = events.table(sort_by=sort, row_limit=30, max_name_column_width=60)
-        self.path.write_text(f"{self.summary}\n\n{table}\n")
+        self.path.write_text(f"{summary}\n\n{table}\n")
         self.profile = None
+        return summary

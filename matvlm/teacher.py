@@ -167,7 +167,7 @@ def compiled_forward(model: LlavaForConditionalGeneration, how: bool | str):
     """The training forward: `model` itself, with its layers compiled in place (true / "layers"), or a
     compiled wrapper that shares its parameters ("model"; evaluation and saving use the plain module).
     On 2 CPU cores the per-layer graphs compile in 2:55 for 40 steps over three curriculum stages, the
-    whole model in 6:04, with the same losses (benchmarks/teacher_runs.md, session 6)."""
+    whole model in 6:04, with the same loss at step 40 (benchmarks/teacher_runs.md, session 6)."""
     if how in (True, "layers"):
         compile_llava_layers(model)
         return model
@@ -301,9 +301,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        profiler.end(step)
-        if profiler.summary and step == profiler.stop:
-            bar.write(f"profile of steps {profiler.summary['steps']}: {profiler.summary} ({run_dir / 'profile.txt'})")
+        if profiled := profiler.end(step):
+            bar.write(f"profile: {profiled} ({run_dir / 'profile.txt'})")
         batch_tokens = int(batch["attention_mask"].sum())
         tokens += batch_tokens
         pending.append((step, loss, grad_norm, batch_tokens))
