@@ -76,6 +76,12 @@ class TeacherConfig:
     steps: int = 4000
     lr: float = 1e-3
     weight_decay: float = 0.1
+    # The vision patch projection's learning rate relative to lr. Adam moves every weight by about lr per step,
+    # so a projection of 3 * patch**2 pixels grows its output ~patch**2 times faster than the position table
+    # grows: at 1.0 image content swamps position (the session-4 teacher: token norm ~300, position 0.7),
+    # and the model cannot tell where anything is.
+    patch_lr_scale: float = 1.0
+    position_init_std: float = 0.0  # SigLIP's position table starts N(0, this**2) per entry (0: SigLIP's own init)
     warmup: float = 0.03
     grad_clip: float = 1.0
     eval_every: int = 1000
@@ -123,7 +129,26 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
         vision_feature_layer=cfg.vision_feature_layer, projector_hidden_act="gelu",
     )
     torch.manual_seed(cfg.seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    if cfg.position_init_std > 0:
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, cfg.position_init_std)
+    return model
+
+
+def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfig) -> list[dict]:
+    """AdamW groups; each carries `lr_scale` (its learning rate relative to the schedule's)."""
+    if cfg.patch_lr_scale == 1.0:  # the same two groups as before the option existed: old checkpoints resume
+        return [{**group, "lr_scale": 1.0} for group in adamw_param_groups(model, cfg.weight_decay)]
+    patch = model.model.vision_tower.embeddings.patch_embedding
+    patch_ids = {id(p) for p in patch.parameters()}
+    groups = []
+    for group in adamw_param_groups(model, cfg.weight_decay):
+        for scaled, scale in ((True, cfg.patch_lr_scale), (False, 1.0)):
+            params = [p for p in group["params"] if (id(p) in patch_ids) == scaled]
+            if params:
+                groups.append({**group, "params": params, "lr_scale": scale})
+    return groups
 
 
 # Options that may change between a run and its resumption; every other one must stay the same.
@@ -234,7 +259,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
     )
     warn_truncated_answers(dataset)
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     start, history = 0, []
     checkpoints = list_checkpoints(run_dir)
@@ -287,7 +312,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     for batch in loader:
         profiler.begin(step + 1)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
         # Mean CE over every answer token of the whole batch, however it is split into micro-batches.
         num_targets = int((batch["labels"][:, 1:] != -100).sum())
         loss = torch.zeros((), device=device)

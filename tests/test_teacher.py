@@ -216,3 +216,27 @@ def test_a_window_of_steps_is_profiled_into_the_run_folder(world, tmp_path):
     # The window of 10 steps from step 2 is cut at the run's last step (3), so it still closes and writes.
     assert summary["steps"] == [2, 3] and summary["step_ms"] > 0
     assert "aten::" in text  # the operator table
+
+
+def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
+    from matvlm.teacher import build_teacher, teacher_param_groups
+    from matvlm.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a red circle"] * 4, vocab_size=300)
+    cfg = tiny_cfg(world, tmp_path / "t", patch_lr_scale=0.05, position_init_std=0.5)
+    model = build_teacher(cfg, tok)
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    assert abs(table.std().item() - 0.5) < 0.05
+    groups = teacher_param_groups(model, cfg)
+    patch = {id(p) for p in model.model.vision_tower.embeddings.patch_embedding.parameters()}
+    scaled = [g for g in groups if g["lr_scale"] == 0.05]
+    assert {id(p) for g in scaled for p in g["params"]} == patch
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # The run uses the scaled rate, and an interrupted run with the option resumes with the same losses.
+    straight, split = tmp_path / "a", tmp_path / "b"
+    train_teacher(tiny_cfg(world, straight, patch_lr_scale=0.05), progress=False)
+    train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False, stop_at=4)
+    train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False)
+    assert history(straight) == history(split)
+    state = load_checkpoint(list_checkpoints(straight.with_name("a.run"))[-1])[1]["optimizer"]
+    assert sorted({g["lr_scale"] for g in state["param_groups"]}) == [0.05, 1.0]
