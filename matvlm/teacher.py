@@ -7,6 +7,7 @@ transformers: SigLIP-style vision encoder, two-layer MLP connector, Phi-style LM
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -16,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
@@ -81,6 +83,8 @@ class TeacherConfig:
     # grows: at 1.0 image content swamps position (the session-4 teacher: token norm ~300, position 0.7),
     # and the model cannot tell where anything is.
     patch_lr_scale: float = 1.0
+    position_lr_scale: float = 1.0  # the same for the position table (the other way to keep position visible);
+    # both keep the weight decay per step that they have at 1.0
     position_init_std: float = 0.0  # SigLIP's position table starts N(0, this**2) per entry (0: SigLIP's own init)
     warmup: float = 0.03
     grad_clip: float = 1.0
@@ -98,6 +102,10 @@ class TeacherConfig:
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
+    # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
+    # On an H100 PyTorch picks cuDNN's, which plans a graph per new shape: the session-7 profile measured 2.8-3.0 ms
+    # of CPU per attention call (1.1 s of 2.5 s of CPU in 10 steps) with the world's varying lengths.
+    sdpa_backends: list[str] = field(default_factory=list)
     profile_at: int = 0  # profile 10 steps from this one into OUT.run/profile.txt (0: off)
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
@@ -136,18 +144,33 @@ def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneratio
     return model
 
 
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_choice(names: list[str]):
+    """A context that limits attention to these kernels (none named: PyTorch's own choice)."""
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown:
+        raise ValueError(f"sdpa_backends: unknown {unknown}; choose from {sorted(SDPA_BACKENDS)}")
+    return sdpa_kernel([SDPA_BACKENDS[n] for n in names]) if names else contextlib.nullcontext()
+
+
 def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfig) -> list[dict]:
     """AdamW groups; each carries `lr_scale` (its learning rate relative to the schedule's)."""
-    if cfg.patch_lr_scale == 1.0:  # the same two groups as before the option existed: old checkpoints resume
-        return [{**group, "lr_scale": 1.0} for group in adamw_param_groups(model, cfg.weight_decay)]
-    patch = model.model.vision_tower.embeddings.patch_embedding
-    patch_ids = {id(p) for p in patch.parameters()}
+    embeddings = model.model.vision_tower.embeddings
+    scale_of = {id(p): cfg.patch_lr_scale for p in embeddings.patch_embedding.parameters()}
+    scale_of.update({id(p): cfg.position_lr_scale for p in embeddings.position_embedding.parameters()})
     groups = []
     for group in adamw_param_groups(model, cfg.weight_decay):
-        for scaled, scale in ((True, cfg.patch_lr_scale), (False, 1.0)):
-            params = [p for p in group["params"] if (id(p) in patch_ids) == scaled]
-            if params:
-                groups.append({**group, "params": params, "lr_scale": scale})
+        by_scale: dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+        # AdamW decays by lr * weight_decay a step: dividing by the scale keeps that pull as it is at 1.0, so a
+        # fast position table is not decayed 30x faster. All at 1.0: the two groups from before these options,
+        # so older checkpoints resume.
+        groups += [{**group, "params": params, "lr_scale": scale, "weight_decay": group["weight_decay"] / scale}
+                   for scale, params in by_scale.items()]
     return groups
 
 
@@ -292,6 +315,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     log_path = run_dir / "log.csv"
     bar = tqdm(total=cfg.steps, initial=start, desc="teacher", disable=not progress)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    attention = partial(sdpa_choice, cfg.sdpa_backends)  # a fresh context per use: sdpa_kernel's is single-use
     step, tokens, began = start, 0, time.perf_counter()
     pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # read back in groups: no sync per step
 
@@ -318,7 +342,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         loss = torch.zeros((), device=device)
         for chunk in micro_batches(batch, cfg.max_batch_tokens):
             chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
-            with autocast:
+            with autocast, attention():  # backward runs the kernel that the forward chose
                 part = forward(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
             part.backward()
             loss += part.detach()

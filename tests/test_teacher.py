@@ -232,6 +232,10 @@ def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
     scaled = [g for g in groups if g["lr_scale"] == 0.05]
     assert {id(p) for g in scaled for p in g["params"]} == patch
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(teacher_param_groups(model, tiny_cfg(world, tmp_path / "t"))) == 2  # default: the old two groups
+    both = teacher_param_groups(model, tiny_cfg(world, tmp_path / "t", patch_lr_scale=0.5, position_lr_scale=30.0))
+    assert [len(g["params"]) for g in both if g["lr_scale"] == 30.0] == [1]  # the position table alone
+    assert [g["lr_scale"] * g["weight_decay"] for g in both if g["weight_decay"]] == pytest.approx([0.1] * 3)
     # The run uses the scaled rate, and an interrupted run with the option resumes with the same losses.
     straight, split = tmp_path / "a", tmp_path / "b"
     train_teacher(tiny_cfg(world, straight, patch_lr_scale=0.05), progress=False)
@@ -240,3 +244,15 @@ def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
     assert history(straight) == history(split)
     state = load_checkpoint(list_checkpoints(straight.with_name("a.run"))[-1])[1]["optimizer"]
     assert sorted({g["lr_scale"] for g in state["param_groups"]}) == [0.05, 1.0]
+
+
+def test_attention_kernels_can_be_chosen(world, tmp_path):
+    from matvlm.teacher import sdpa_choice
+
+    with pytest.raises(ValueError, match="sdpa_backends: unknown"):
+        sdpa_choice(["fast"])
+    # Only the math kernel allowed: the run trains as with PyTorch's choice (on the CPU, the same kernel).
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_teacher(tiny_cfg(world, a, steps=4, final_eval_records=1), progress=False)
+    train_teacher(tiny_cfg(world, b, steps=4, final_eval_records=1, sdpa_backends=["math"]), progress=False)
+    torch.testing.assert_close(torch.tensor(history(a)), torch.tensor(history(b)), rtol=1e-5, atol=1e-6)

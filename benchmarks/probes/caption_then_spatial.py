@@ -8,7 +8,7 @@
 import os, sys, random, torch, pathlib
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
 from matvlm.data.synth import generate_world
-from matvlm.teacher import TeacherConfig, build_teacher, conversation_texts
+from matvlm.teacher import TeacherConfig, build_teacher, conversation_texts, teacher_param_groups
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.data.llava import SupervisedDataset, build_image_processor, collate, load_records
 from matvlm.data.preload import PreloadedDataset
@@ -35,7 +35,8 @@ if first == 'where':  # one question per image about an object that its colour a
 sp_test = load_records(work / 'spatial/test.json')
 tok = train_tokenizer(conversation_texts(sp + cap), vocab_size=512, template='phi_short')
 cfg = TeacherConfig(data='', out='', template='phi_short', vocab_size=512, patch_size=32, vision_hidden=128, vision_layers=3,
-                    vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4, heads=4, intermediate=512)
+                    vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4, heads=4, intermediate=512,
+                    patch_lr_scale=float(os.environ.get('PATCH_LR', 1.0)), position_init_std=float(os.environ.get('POS_STD', 0.0)))
 model = build_teacher(cfg, tok).train()
 if os.environ.get('POS') == 'sincos':  # SigLIP's learned position embeddings start as a 2-D sin-cos code
     table = model.model.vision_tower.embeddings.position_embedding.weight
@@ -48,7 +49,13 @@ if os.environ.get('POS') == 'sincos':  # SigLIP's learned position embeddings st
 ip = build_image_processor(128)
 mk = lambda recs, d: PreloadedDataset(SupervisedDataset(recs, [d], tok, ip, 'phi_short', num_image_tokens=16, max_length=1024), workers=0, progress=False)
 ds_cap, ds_sp = mk(cap, work / (first if first == 'caption' else 'spatial') / 'images'), mk(sp, work / 'spatial/images')
-opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+# PATCH_LR / POS_STD (session 7): the teacher's patch_lr_scale / position_init_std options
+opt = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=2e-3, betas=(0.9, 0.95))
+for group in opt.param_groups:
+    group['lr'] = 2e-3 * group['lr_scale']
+
+
+EVERY = int(os.environ.get('EVERY', 250))
 
 
 def run(ds, steps, tag, start):
@@ -59,7 +66,9 @@ def run(ds, steps, tag, start):
                      pixel_values=b['pixel_values'], num_items_in_batch=n).loss
         loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
         step = start + s + 1
-        if step % 250 == 0:
+        if step % EVERY == 0:
+            if tag != 'spatial':
+                print(tag, step, round(loss.item(), 3), flush=True); continue
             res = evaluate(model, tok, ip, sp_test, [work / 'spatial/images'], 'phi_short', batch_size=100, progress=False)
             model.train()
             print(tag, step, round(loss.item(), 3), 'spatial', round(res['average'], 3), flush=True)
