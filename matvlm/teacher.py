@@ -149,11 +149,13 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 
 
 def sdpa_choice(names: list[str]):
-    """A context that limits attention to these kernels (none named: PyTorch's own choice)."""
+    """A factory of contexts that limit attention to these kernels (none named: PyTorch's own choice). A factory,
+    since sdpa_kernel's context is single-use; the names are checked here, before a run spends time on data."""
     unknown = [n for n in names if n not in SDPA_BACKENDS]
     if unknown:
         raise ValueError(f"sdpa_backends: unknown {unknown}; choose from {sorted(SDPA_BACKENDS)}")
-    return sdpa_kernel([SDPA_BACKENDS[n] for n in names]) if names else contextlib.nullcontext()
+    backends = [SDPA_BACKENDS[n] for n in names]
+    return partial(sdpa_kernel, backends) if backends else contextlib.nullcontext
 
 
 def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfig) -> list[dict]:
@@ -254,6 +256,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     `stop_at` ends the run after that step with a checkpoint and returns None, as an interruption would.
     """
     data, out = Path(cfg.data), Path(cfg.out)
+    attention = sdpa_choice(cfg.sdpa_backends)
     run_dir = out.with_name(out.name + ".run")
     run_dir.mkdir(parents=True, exist_ok=True)
     train_records = load_records(data / "train.json")
@@ -315,7 +318,6 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     log_path = run_dir / "log.csv"
     bar = tqdm(total=cfg.steps, initial=start, desc="teacher", disable=not progress)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    attention = partial(sdpa_choice, cfg.sdpa_backends)  # a fresh context per use: sdpa_kernel's is single-use
     step, tokens, began = start, 0, time.perf_counter()
     pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # read back in groups: no sync per step
 

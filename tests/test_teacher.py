@@ -10,7 +10,8 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.data.synth import generate_world
-from matvlm.teacher import TeacherConfig, compiled_forward, train_teacher
+from matvlm.data.tokenizer import train_tokenizer
+from matvlm.teacher import TeacherConfig, build_teacher, compiled_forward, sdpa_choice, teacher_param_groups, train_teacher
 from matvlm.training import list_checkpoints, load_checkpoint
 
 
@@ -219,9 +220,6 @@ def test_a_window_of_steps_is_profiled_into_the_run_folder(world, tmp_path):
 
 
 def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
-    from matvlm.teacher import build_teacher, teacher_param_groups
-    from matvlm.data.tokenizer import train_tokenizer
-
     tok = train_tokenizer(["a red circle"] * 4, vocab_size=300)
     cfg = tiny_cfg(world, tmp_path / "t", patch_lr_scale=0.05, position_init_std=0.5)
     model = build_teacher(cfg, tok)
@@ -247,8 +245,6 @@ def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
 
 
 def test_attention_kernels_can_be_chosen(world, tmp_path):
-    from matvlm.teacher import sdpa_choice
-
     with pytest.raises(ValueError, match="sdpa_backends: unknown"):
         sdpa_choice(["fast"])
     # Only the math kernel allowed: the run trains as with PyTorch's choice (on the CPU, the same kernel).

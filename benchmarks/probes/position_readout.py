@@ -20,9 +20,8 @@ steps, lr, grounded = int(arg["steps"]), arg["lr"], bool(arg["grounded"])
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
 torch.manual_seed(0); random.seed(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-d = pathlib.Path(os.environ.get("PROBE_DIR", "runs/probe_where")); d.mkdir(parents=True, exist_ok=True)
 n_obj, attr_steps = int(arg["objects"]), int(arg["attr_steps"])
-d = d.with_name(f"{d.name}_{n_obj}"); d.mkdir(parents=True, exist_ok=True)
+d = pathlib.Path(os.environ.get("PROBE_DIR", "runs/probe_where") + f"_{n_obj}"); d.mkdir(parents=True, exist_ok=True)
 rng, recs, attr_recs = random.Random(0), [], []
 for i in range(3000):
     # n objects of distinct shapes and colours in distinct cells; the question names one by colour and shape
@@ -43,8 +42,9 @@ cfg = TeacherConfig(data="", out="", template="phi_short", vocab_size=300, patch
                     vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4, heads=4, intermediate=512,
                     patch_lr_scale=arg["patch_lr"], position_lr_scale=arg["pos_lr"], position_init_std=arg["pos_std"])
 model = build_teacher(cfg, tok).to(dev).train()
-ds, ds_attr = (PreloadedDataset(SupervisedDataset(r, [d], tok, build_image_processor(128), "phi_short", num_image_tokens=16,
-                                                  max_length=256), workers=0, progress=False) for r in (recs, attr_recs))
+processor = build_image_processor(128)
+ds, ds_attr = (PreloadedDataset(SupervisedDataset(r, [d], tok, processor, "phi_short", num_image_tokens=16, max_length=256),
+                                workers=0, progress=False) for r in (recs, attr_recs))
 groups = teacher_param_groups(model, cfg)
 opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 for g in opt.param_groups:
