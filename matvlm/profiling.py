@@ -10,6 +10,20 @@ import torch
 from torch.autograd import DeviceType
 
 
+def quiet_window_start(start: int, periods: list[int], steps: int = 10) -> int:
+    """The first step >= `start` whose window of `steps` steps holds no checkpoint or evaluation (steps that are
+    multiples of a period). The loop profiles steps start..start+steps-1 and the work after each but the last, so a
+    save or held-out evaluation there would be counted as step time (session 8's first profile held one)."""
+    if start <= 0:
+        return start
+    periods = [p for p in periods if p > 0]
+    if any(p < steps for p in periods):  # no window of that length avoids them: keep the one asked for
+        return start
+    while any(s % p == 0 for s in range(start, start + steps - 1) for p in periods):
+        start += 1
+    return start
+
+
 class StepProfiler:
     """Profiles steps `start` .. `start + steps - 1` (1-based, as a loop counts finished steps; cut at `last`,
     the run's final step, so that a window near the end still closes) and writes a summary line and the top

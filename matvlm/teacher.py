@@ -36,7 +36,7 @@ from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
 from .modeling import compile_llava_layers
-from .profiling import StepProfiler
+from .profiling import StepProfiler, quiet_window_start
 from .training import (
     EpochOrder,
     check_same_run,
@@ -333,7 +333,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 
     forward = compiled_forward(model, cfg.compile)
-    profiler = StepProfiler(cfg.profile_at, run_dir / "profile.txt", last=cfg.steps)
+    profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
+    if profile_at != cfg.profile_at:
+        bar.write(f"profile_at {cfg.profile_at} -> {profile_at}: the window holds no checkpoint or evaluation")
+    profiler = StepProfiler(profile_at, run_dir / "profile.txt", last=cfg.steps)
     model.train()
     for batch in loader:
         profiler.begin(step + 1)
