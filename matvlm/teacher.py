@@ -61,6 +61,7 @@ class TeacherConfig:
     template: str = "phi"
     vocab_size: int = 2048
     digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
+    all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192
@@ -273,7 +274,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         tokenizer.save_pretrained(tok_dir)
     else:
         tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template,
-                                    digit_group=cfg.digit_group)
+                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups)
         tokenizer.save_pretrained(tok_dir)
     image_processor = build_image_processor(cfg.image_size)
     model = build_teacher(cfg, tokenizer)

@@ -252,3 +252,10 @@ def test_attention_kernels_can_be_chosen(world, tmp_path):
     train_teacher(tiny_cfg(world, a, steps=4, final_eval_records=1), progress=False)
     train_teacher(tiny_cfg(world, b, steps=4, final_eval_records=1, sdpa_backends=["math"]), progress=False)
     torch.testing.assert_close(torch.tensor(history(a)), torch.tensor(history(b)), rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_tokenizer_can_hold_every_digit_group(world, tmp_path):
+    out = tmp_path / "digits"
+    train_teacher(tiny_cfg(world, out, steps=1, digit_group=2, all_digit_groups=True), progress=False, stop_at=1)
+    tok = AutoTokenizer.from_pretrained(out.with_name("digits.run") / "tokenizer")
+    assert tok.tokenize("3331587054") == ["33", "31", "58", "70", "54"]
