@@ -32,6 +32,7 @@ from .data.llava import (
     warn_truncated_answers,
 )
 from .data.tokenizer import train_tokenizer
+from .data.where import where_records
 from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
 from .io import atomic_directory
@@ -62,6 +63,8 @@ class TeacherConfig:
     vocab_size: int = 2048
     digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
     all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
+    where_records: int = 0  # N one-object and N several-object "where" records made for training only (families
+    where_max_objects: int = 6  # "where1" / "where", for stages): the read-out of positions (matvlm/data/where.py)
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192
@@ -263,6 +266,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     train_records = load_records(data / "train.json")
     test_records = load_records(data / "test.json")
     images = [data / "images"]
+    if cfg.where_records:
+        train_records = train_records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
+                                                      cfg.image_size, cfg.where_max_objects)
+        images.append(run_dir / "where")
 
     tok_dir = run_dir / "tokenizer"
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():

@@ -259,3 +259,21 @@ def test_teacher_tokenizer_can_hold_every_digit_group(world, tmp_path):
     train_teacher(tiny_cfg(world, out, steps=1, digit_group=2, all_digit_groups=True), progress=False, stop_at=1)
     tok = AutoTokenizer.from_pretrained(out.with_name("digits.run") / "tokenizer")
     assert tok.tokenize("3331587054") == ["33", "31", "58", "70", "54"]
+
+
+def test_where_records_join_the_training_set_for_curriculum_stages(world, tmp_path):
+    from matvlm.data.llava import load_records
+    from matvlm.data.where import where_records
+    from matvlm.teacher import curriculum_order
+
+    out = tmp_path / "where"
+    cfg = tiny_cfg(world, out, steps=4, where_records=8, stages=[{"steps": 2, "families": ["where1"]}],
+                   family_weights={"where1": 0})
+    train_teacher(cfg, progress=False, stop_at=4)
+    run = out.with_name("where.run")
+    assert len(list((run / "where").glob("*.png"))) == 16 and len(history(out)) == 4
+    # the same records the run made: its first two batches ask where the one object is, the mix never again
+    records = load_records(Path(world) / "train.json") + where_records(tmp_path / "w", 8, cfg.seed, Path(world) / "world.json", 64)
+    batches = [b for _, b in zip(range(6), curriculum_order(records, [10] * len(records), cfg).iterate(0))]
+    families = [{records[i]["family"] for i in b} for _, b in batches]
+    assert families[0] == families[1] == {"where1"} and not any("where1" in f for f in families[2:])
