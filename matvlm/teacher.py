@@ -63,8 +63,8 @@ class TeacherConfig:
     vocab_size: int = 2048
     digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
     all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
-    where_records: int = 0  # N one-object and N several-object "where" records made for training only (families
-    where_max_objects: int = 6  # "where1" / "where", for stages): the read-out of positions (matvlm/data/where.py)
+    where_records: int = 0  # N one-object, N several-object and N listing records made for training only (families
+    where_max_objects: int = 6  # "where1" / "where" / "where_list"): the read-out of positions (matvlm/data/where.py)
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192

@@ -15,9 +15,14 @@ def test_where_records_are_deterministic_right_and_avoid_heldout_pairs(tmp_path)
     recs = where_records(tmp_path / "a", 20, seed=1, world_json=world / "world.json", image_size=64, max_objects=5)
     again = where_records(tmp_path / "b", 20, seed=1, world_json=world / "world.json", image_size=64, max_objects=5)
     assert recs == again and recs != where_records(tmp_path / "c", 20, seed=2, image_size=64)
-    assert [r["family"] for r in recs] == ["where1"] * 20 + ["where"] * 20
+    assert [r["family"] for r in recs] == ["where1"] * 20 + ["where", "where_list"] * 20
     cell = cell_size(64)
     for r in recs:
+        if r["family"] == "where_list":  # every object once, in reading order, on the image of the record before
+            objs = sorted(r["scene"]["objects"], key=lambda o: (o["row"], o["col"]))
+            assert r["conversations"][1]["value"] == ", ".join(
+                f"a {o['color']} {o['shape']} in row {o['row'] + 1}, column {o['col'] + 1}" for o in objs)
+            continue
         objs = r["scene"]["objects"]
         assert (len(objs) == 1) == (r["family"] == "where1") and len(objs) <= 5
         assert not any((o["color"], o["shape"]) in held for o in objs)

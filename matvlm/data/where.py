@@ -4,7 +4,8 @@ Why (benchmarks/teacher_runs.md, session 8): at the probe size, reading the cell
 stays at chance for 5,000 steps from scratch, while the one-object question escapes its plateau after ~1,100-1,700
 steps, and after it the three-object question escapes within ~600 more. So a teacher can first learn the read-out
 on one-object scenes (family "where1"), then on several objects ("where"), and the world's spatial questions
-build on it. The world itself (its generator version, test split and scores) is unchanged: these records live in
+build on it. A second probe reached the same by dense labels: half the batches asking for every object and its
+cell in reading order ("where_list", on the several-object images). The world itself (its generator version, test split and scores) is unchanged: these records live in
 the teacher's run folder, and the world's held-out colour-shape pairs never occur in them.
 """
 
@@ -22,8 +23,8 @@ __all__ = ["where_records"]
 
 def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path | None = None,
                   image_size: int = 128, max_objects: int = 6) -> list[dict[str, Any]]:
-    """`n` records of one object (family "where1") and `n` of 2..`max_objects` objects ("where"), in the LLaVA
-    schema with their scenes; images go to `out_dir` (kept if already there, so a resumed run reuses them).
+    """`n` records of one object (family "where1"), `n` of 2..`max_objects` objects ("where") and, on those images,
+    `n` listing every object and its cell in reading order ("where_list"), in the LLaVA schema with their scenes; images go to `out_dir` (kept if already there, so a resumed run reuses them).
     Objects in a scene have distinct colour-shape pairs, so the question names exactly one. Deterministic for
     `seed`."""
     if n < 1:
@@ -55,4 +56,13 @@ def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path
                               {"from": "gpt", "value": f"row {o['row'] + 1}, column {o['col'] + 1}"}],
             "answers": [f"row {o['row'] + 1}, column {o['col'] + 1}"], "scene": scene,
         })
+        if k > 1:
+            listed = ", ".join(f"a {p['color']} {p['shape']} in row {p['row'] + 1}, column {p['col'] + 1}"
+                               for p in sorted(objs, key=lambda p: (p["row"], p["col"])))
+            records.append({
+                "id": f"where-{i:07d}-list", "image": name, "family": "where_list", "metric": "exact",
+                "conversations": [{"from": "human", "value": "<image>\nList the objects and where they are."},
+                                  {"from": "gpt", "value": listed}],
+                "answers": [listed], "scene": scene,
+            })
     return records
