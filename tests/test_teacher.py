@@ -277,3 +277,12 @@ def test_where_records_join_the_training_set_for_curriculum_stages(world, tmp_pa
     batches = [b for _, b in zip(range(6), curriculum_order(records, [10] * len(records), cfg).iterate(0))]
     families = [{records[i]["family"] for i in b} for _, b in batches]
     assert families[0] == families[1] == {"where1"} and not any("where1" in f for f in families[2:])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/teacher*.json")), ids=lambda p: p.name)
+def test_committed_teacher_configs_are_valid(path):
+    # a typo found on the GPU machine costs device time: every committed config must build a TeacherConfig
+    cfg = TeacherConfig(data="unused", out="unused", **json.loads(path.read_text()))
+    sdpa_choice(cfg.sdpa_backends)
+    for stage in cfg.stages:
+        assert set(stage) <= {"steps", "families", "max_words"} and stage["steps"] >= 1, stage

@@ -1,11 +1,12 @@
 # Usage: python benchmarks/probes/position_readout.py steps=N [patch_lr=1] [pos_lr=1] [pos_std=0] [grounded=0] [lr=2e-3]
-#                                                    [objects=1] [attr_steps=0] [first=0] [listing=0]
+#                                                    [objects=1] [attr_steps=0] [first=0] [listing=0] [real=0]
 # Probe (session 7): can the teacher's architecture (patch 32: one grid cell per image token; ViT 3 x 128, Phi LM
 # 4 x 128) read WHERE an object is? One object: "Where is the shape?" -> "row R, column C" (`grounded=1`: "a red
 # circle in row R, column C"). `objects=N`: N objects of distinct colours and shapes, "Where is the red circle?";
 # `attr_steps=K` first trains K batches of "What color is the circle?" (finding an object by content); `first=K` then
 # K batches of the one-object "where" (which escapes its plateau on its own: session 8's sweep); `listing=P`: a share P
-# of the "where" batches asks for every object and its cell in reading order (dense position labels). Prints, every
+# of the "where" batches asks for every object and its cell in reading order (dense position labels); `real=1` takes
+# the teacher's own records instead (matvlm/data/where.py: backgrounds vary, 2-6 objects). Prints, every
 # 100 steps, the accuracy of the row/column digits (of the answer in the attribute phase) on the training batch and
 # the norms of the patch projection's output and of the position table. On the CPU every one-object setup tried
 # stayed at chance (0.25) for 150-600 steps, while the patch output grew from 12 to ~460 (benchmarks/teacher_runs.md).
@@ -15,8 +16,9 @@ from matvlm.teacher import TeacherConfig, build_teacher, conversation_texts, tea
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.data.llava import SupervisedDataset, build_image_processor, collate
 from matvlm.data.preload import PreloadedDataset
+from matvlm.data.where import where_records
 
-arg = {"steps": 1000, "patch_lr": 1.0, "pos_lr": 1.0, "pos_std": 0.0, "grounded": 0, "lr": 2e-3, "objects": 1, "attr_steps": 0, "first": 0, "listing": 0.0}
+arg = {"steps": 1000, "patch_lr": 1.0, "pos_lr": 1.0, "pos_std": 0.0, "grounded": 0, "lr": 2e-3, "objects": 1, "attr_steps": 0, "first": 0, "listing": 0.0, "real": 0}
 arg.update({k: float(v) for k, v in (a.split("=") for a in sys.argv[1:])})
 steps, lr, grounded = int(arg["steps"]), arg["lr"], bool(arg["grounded"])
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
@@ -53,6 +55,11 @@ def world(n: int) -> tuple[pathlib.Path, list[dict], list[dict], list[dict]]:
 d, recs, attr_recs, list_recs = world(n_obj)
 list_recs = list_recs if listing else []
 d1, recs1, _, _ = world(1) if first else (d, [], [], [])
+if arg["real"]:  # the teacher's where_records: where1 (first phase), where, where_list
+    d = d1 = pathlib.Path(os.environ.get("PROBE_DIR", "runs/probe_where") + "_real")
+    made = where_records(d, 3000, seed=0, world_json="runs/world/world.json")
+    recs1, recs, list_recs = ([r for r in made if r["family"] == f] for f in ("where1", "where", "where_list"))
+    recs1, list_recs, attr_recs = recs1 if first else [], list_recs if listing else [], []  # no colour phase here
 tok = train_tokenizer(conversation_texts(recs + attr_recs + recs1 + list_recs), vocab_size=300, template="phi_short")
 cfg = TeacherConfig(data="", out="", template="phi_short", vocab_size=300, patch_size=32, vision_hidden=128, vision_layers=3,
                     vision_heads=4, vision_feature_layer=-1, hidden=128, layers=4, heads=4, intermediate=512,
