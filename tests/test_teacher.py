@@ -10,8 +10,11 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.data.synth import generate_world
+from matvlm.data.llava import load_records
 from matvlm.data.tokenizer import train_tokenizer
-from matvlm.teacher import TeacherConfig, build_teacher, compiled_forward, sdpa_choice, teacher_param_groups, train_teacher
+from matvlm.data.where import where_records
+from matvlm.teacher import (TeacherConfig, build_teacher, compiled_forward, curriculum_order, sdpa_choice,
+                            teacher_param_groups, train_teacher)
 from matvlm.training import list_checkpoints, load_checkpoint
 
 
@@ -106,7 +109,6 @@ def test_curriculum_warmup_on_some_families(world, tmp_path):
 
 
 def test_family_weights_repeat_records_of_a_family(world):
-    from matvlm.data.llava import load_records
     from matvlm.teacher import mixed_order
 
     records = load_records(Path(world) / "train.json")
@@ -126,8 +128,7 @@ def test_family_weights_repeat_records_of_a_family(world):
 
 
 def test_curriculum_stages_pick_their_records_in_order(world):
-    from matvlm.data.llava import load_records, record_words as _words
-    from matvlm.teacher import curriculum_order
+    from matvlm.data.llava import record_words as _words
 
     records = load_records(Path(world) / "train.json")
     short = sorted(_words(r) for r in records)[len(records) // 2]
@@ -262,10 +263,6 @@ def test_teacher_tokenizer_can_hold_every_digit_group(world, tmp_path):
 
 
 def test_where_records_join_the_training_set_for_curriculum_stages(world, tmp_path):
-    from matvlm.data.llava import load_records
-    from matvlm.data.where import where_records
-    from matvlm.teacher import curriculum_order
-
     out = tmp_path / "where"
     cfg = tiny_cfg(world, out, steps=4, where_records=8, stages=[{"steps": 2, "families": ["where1"]}],
                    family_weights={"where1": 0})

@@ -5,8 +5,9 @@ stays at chance for 5,000 steps from scratch, while the one-object question esca
 steps, and after it the three-object question escapes within ~600 more. So a teacher can first learn the read-out
 on one-object scenes (family "where1"), then on several objects ("where"), and the world's spatial questions
 build on it. A second probe reached the same by dense labels: half the batches asking for every object and its
-cell in reading order ("where_list", on the several-object images). The world itself (its generator version, test split and scores) is unchanged: these records live in
-the teacher's run folder, and the world's held-out colour-shape pairs never occur in them.
+cell in reading order ("where_list", on the several-object images). The world itself (its generator version, test
+split and scores) is unchanged: these records live in the teacher's run folder, and the world's held-out
+colour-shape pairs never occur in them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ __all__ = ["where_records"]
 def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path | None = None,
                   image_size: int = 128, max_objects: int = 6) -> list[dict[str, Any]]:
     """`n` records of one object (family "where1"), `n` of 2..`max_objects` objects ("where") and, on those images,
-    `n` listing every object and its cell in reading order ("where_list"), in the LLaVA schema with their scenes; images go to `out_dir` (kept if already there, so a resumed run reuses them).
-    Objects in a scene have distinct colour-shape pairs, so the question names exactly one. Deterministic for
+    `n` listing every object and its cell in reading order ("where_list"), in the LLaVA schema with their scenes;
+    images go to `out_dir` (kept if already there, so a resumed run reuses them). Objects in a scene have distinct colour-shape pairs, so the question names exactly one. Deterministic for
     `seed`."""
     if n < 1:
         raise ValueError(f"where_records: n must be >= 1, got {n}")
@@ -53,11 +54,11 @@ def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path
         records.append({
             "id": f"where-{i:07d}", "image": name, "family": "where1" if k == 1 else "where", "metric": "exact",
             "conversations": [{"from": "human", "value": f"<image>\nWhere is the {o['color']} {o['shape']}?"},
-                              {"from": "gpt", "value": f"row {o['row'] + 1}, column {o['col'] + 1}"}],
-            "answers": [f"row {o['row'] + 1}, column {o['col'] + 1}"], "scene": scene,
+                              {"from": "gpt", "value": _cell(o)}],
+            "answers": [_cell(o)], "scene": scene,
         })
         if k > 1:
-            listed = ", ".join(f"a {p['color']} {p['shape']} in row {p['row'] + 1}, column {p['col'] + 1}"
+            listed = ", ".join(f"a {p['color']} {p['shape']} in {_cell(p)}"
                                for p in sorted(objs, key=lambda p: (p["row"], p["col"])))
             records.append({
                 "id": f"where-{i:07d}-list", "image": name, "family": "where_list", "metric": "exact",
@@ -66,3 +67,7 @@ def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path
                 "answers": [listed], "scene": scene,
             })
     return records
+
+
+def _cell(obj: dict[str, Any]) -> str:
+    return f"row {obj['row'] + 1}, column {obj['col'] + 1}"
