@@ -217,7 +217,7 @@ def test_a_window_of_steps_is_profiled_into_the_run_folder(world, tmp_path):
     summary = ast.literal_eval(text.splitlines()[0])
     # The window of 10 steps from step 2 is cut at the run's last step (3), so it still closes and writes.
     assert summary["steps"] == [2, 3] and summary["step_ms"] > 0
-    assert "aten::" in text  # the operator table
+    assert "aten::" in text and "by host time" in text  # the operator table, sorted by host time on a CPU
 
 
 def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
