@@ -317,10 +317,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     # Preloaded items are shared with forked workers; padding a batch of 128 still costs the main process
     # more than a small model's step on the GPU, so collation stays in workers either way.
     workers = min(cfg.num_workers, 4) if cfg.preload else cfg.num_workers
+    # Batches in flight sit in shared memory: ~8 x 128 records per worker ran in session 9, so larger batches
+    # keep that many records, not that many batches.
+    prefetch = max(2, 1024 // cfg.batch_size)
     loader = DataLoader(
         dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=8 if workers else None,
+        pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
     )
     eval_subset = test_records[: cfg.eval_records]
     log_path = run_dir / "log.csv"
