@@ -220,6 +220,9 @@ def test_even_micro_batches_split_rows_and_keep_their_images():
     assert chunks[0]["pixel_values"][:, 0, 0, 0].tolist() == [0.0]
     assert chunks[1]["pixel_values"] is None  # row 1 has no image
     assert chunks[2]["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0]
+    # each chunk's images are a view of the batch's (pinned by the loader on a GPU machine), not a copy
+    assert all(c["pixel_values"] is None or c["pixel_values"].untyped_storage().data_ptr()
+               == pixels.untyped_storage().data_ptr() for c in chunks)
     assert len(even_micro_batches(batch, 100, 1, 4)) == 4
     assert even_micro_batches(batch, 100, 1, 1)[0]["input_ids"].shape == (4, 9)
     with pytest.raises(RuntimeError, match="cannot split"):
