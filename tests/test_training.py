@@ -13,6 +13,7 @@ from matvlm.training import (
     list_checkpoints,
     load_checkpoint,
     lr_factor,
+    micro_batch_bounds,
     micro_batches,
     save_checkpoint,
     set_rng_state,
@@ -132,3 +133,20 @@ def test_staged_order_warms_up_on_a_subset_then_resumes_anywhere():
     assert any(i not in subset for _, batch in run[3:] for i in batch)  # then the full mix
     for start in (0, 2, 3, 7):  # resuming at any batch gives the same batches
         assert list(islice(staged.iterate(start), 12 - start)) == run[start:]
+
+
+def test_micro_batch_bounds_are_greedy_and_fit():
+    # each chunk: consecutive rows, rows x longest row <= max_tokens (or a single row), and no row could join it
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 50) for _ in range(rng.randint(1, 40))]
+        max_tokens = rng.randint(1, 400)
+        mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        bounds = micro_batch_bounds({"attention_mask": mask}, max_tokens)
+        assert [a for a, _ in bounds] == [0] + [b for _, b in bounds[:-1]] and bounds[-1][1] == len(lengths)
+        for a, b in bounds:
+            assert b - a == 1 or (b - a) * max(lengths[a:b]) <= max_tokens
+            if b < len(lengths):
+                assert (b + 1 - a) * max(lengths[a : b + 1]) > max_tokens
