@@ -150,3 +150,35 @@ def test_micro_batch_bounds_are_greedy_and_fit():
             assert b - a == 1 or (b - a) * max(lengths[a:b]) <= max_tokens
             if b < len(lengths):
                 assert (b + 1 - a) * max(lengths[a : b + 1]) > max_tokens
+
+
+def test_bf16_pixels_change_nothing_under_bf16_autocast():
+    # the teacher preloads pixels in bf16 on a GPU: the autocast patch convolution rounds fp32 pixels to bf16
+    # itself, so the loss must be bit-identical (and it is not without autocast, so the test can fail)
+    model = tiny_llava("phi")
+    cfg = model.config
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    ids = torch.tensor([[1] + [cfg.image_token_index] * n_img + [5, 6, 7, 8]])
+    pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    rounded = pixels.to(torch.bfloat16)
+
+    def loss(px):
+        return model(input_ids=ids, pixel_values=px, labels=ids).loss
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(loss(pixels), loss(rounded))
+    with torch.no_grad():
+        assert not torch.equal(loss(pixels), loss(rounded.float()))
+
+
+def test_preloaded_pixels_in_the_dtype_asked_for():
+    from matvlm.data.preload import PreloadedDataset
+
+    items = [{"input_ids": torch.arange(5), "labels": torch.arange(5), "pixel_values": torch.randn(3, 4, 4), "id": i}
+             for i in range(3)] + [{"input_ids": torch.arange(3), "labels": torch.arange(3), "pixel_values": None, "id": 3}]
+    kept = PreloadedDataset(items, workers=0, progress=False)
+    half = PreloadedDataset(items, workers=0, progress=False, pixel_dtype=torch.bfloat16)
+    assert kept[0]["pixel_values"].dtype == torch.float32 and torch.equal(kept[0]["pixel_values"], items[0]["pixel_values"])
+    assert half[0]["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(half[2]["pixel_values"], items[2]["pixel_values"].to(torch.bfloat16))
+    assert half[3]["pixel_values"] is None and half[3]["input_ids"].dtype == torch.long
