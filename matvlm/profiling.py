@@ -66,11 +66,10 @@ class StepProfiler:
             "gpu_busy": round(device_us / 1e6 / wall, 3) if wall else 0.0,
             "kernels_per_step": round(kernels / n, 1),
         }
-        tables = []
-        if device_us:
-            tables.append(("by GPU time", events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)))
         # By host time too: a small model's step is often bound by the host (session 9: GPU busy 10%).
-        tables.append(("by host time", events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)))
-        self.path.write_text(f"{summary}\n" + "".join(f"\n{title}\n{table}\n" for title, table in tables))
+        sorts = ([("by GPU time", "self_cuda_time_total")] if device_us else []) + [("by host time", "self_cpu_time_total")]
+        tables = "".join(f"\n{title}\n{events.table(sort_by=key, row_limit=30, max_name_column_width=60)}\n"
+                         for title, key in sorts)
+        self.path.write_text(f"{summary}\n{tables}")
         self.profile = None
         return summary

@@ -63,8 +63,10 @@ class TeacherConfig:
     vocab_size: int = 2048
     digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
     all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
-    where_records: int = 0  # N one-object, N several-object and N listing records made for training only (families
-    where_max_objects: int = 6  # "where1" / "where" / "where_list"): the read-out of positions (matvlm/data/where.py)
+    # N one-object, N several-object and N listing records made for training only (families "where1", "where",
+    # "where_list"; matvlm/data/where.py), with 2..where_max_objects objects in the several-object scenes
+    where_records: int = 0
+    where_max_objects: int = 6
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192
