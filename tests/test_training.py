@@ -171,13 +171,14 @@ def test_bf16_pixels_change_nothing_under_bf16_autocast():
         assert not torch.equal(loss(pixels), loss(rounded.float()))
 
 
-def test_preloaded_pixels_in_the_dtype_asked_for():
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the cast runs in workers and crosses processes as raw bits
+def test_preloaded_pixels_in_the_dtype_asked_for(workers):
     from matvlm.data.preload import PreloadedDataset
 
     items = [{"input_ids": torch.arange(5), "labels": torch.arange(5), "pixel_values": torch.randn(3, 4, 4), "id": i}
              for i in range(3)] + [{"input_ids": torch.arange(3), "labels": torch.arange(3), "pixel_values": None, "id": 3}]
-    kept = PreloadedDataset(items, workers=0, progress=False)
-    half = PreloadedDataset(items, workers=0, progress=False, pixel_dtype=torch.bfloat16)
+    kept = PreloadedDataset(items, workers=workers, progress=False)
+    half = PreloadedDataset(items, workers=workers, progress=False, pixel_dtype=torch.bfloat16)
     assert kept[0]["pixel_values"].dtype == torch.float32 and torch.equal(kept[0]["pixel_values"], items[0]["pixel_values"])
     assert half[0]["pixel_values"].dtype == torch.bfloat16
     assert torch.equal(half[2]["pixel_values"], items[2]["pixel_values"].to(torch.bfloat16))

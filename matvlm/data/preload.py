@@ -9,6 +9,7 @@ autocast run, whose patch convolution rounds fp32 pixels to bf16 itself).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -17,16 +18,28 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 
-def _to_numpy(items: list[dict]) -> list[dict]:
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _to_numpy(items: list[dict], pixel_dtype: torch.dtype | None = None) -> list[dict]:
     # Workers hand back numpy arrays, pickled by value: thousands of shared-memory tensors would each
-    # take a file descriptor and exhaust the limit.
-    return [{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()} for item in items]
+    # take a file descriptor and exhaust the limit. Pixels are cast here, in the single-threaded workers:
+    # in the main process every image's cast fanned out over all cores' intra-op threads, and four runs on
+    # one host preloaded 40x slower (session 10). numpy has no bf16, so the cast pixels travel as raw bits.
+    out = []
+    for item in items:
+        item = dict(item)
+        if pixel_dtype is not None and item.get("pixel_values") is not None:
+            item["pixel_values"] = item["pixel_values"].to(pixel_dtype).view(_BITS[pixel_dtype.itemsize])
+        out.append({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()})
+    return out
 
 
 class PreloadedDataset(Dataset):
     def __init__(self, dataset: Dataset, workers: int = 8, progress: bool = True, pixel_dtype: torch.dtype | None = None):
         self.lengths = getattr(dataset, "lengths", None)
-        loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers, collate_fn=_to_numpy)
+        collate = functools.partial(_to_numpy, pixel_dtype=pixel_dtype)
+        loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=workers, collate_fn=collate)
         self.items: list[dict[str, Any]] = []
         for chunk in tqdm(loader, desc="preloading", disable=not progress, unit_scale=256):
             for item in chunk:
@@ -35,7 +48,7 @@ class PreloadedDataset(Dataset):
                 item["input_ids"] = item["input_ids"].to(torch.int32)  # halves the memory; widened on access
                 item["labels"] = item["labels"].to(torch.int32)
                 if pixel_dtype is not None and item.get("pixel_values") is not None:
-                    item["pixel_values"] = item["pixel_values"].to(pixel_dtype)
+                    item["pixel_values"] = item["pixel_values"].view(pixel_dtype)
                 self.items.append(item)
 
     def __len__(self) -> int:
