@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
 
+from .data.generated import GeneratedDataset, GeneratedRecords
 from .data.preload import PreloadedDataset
 from .data.llava import (
     SupervisedDataset,
@@ -106,6 +108,10 @@ class TeacherConfig:
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
+    # Train on this many of the world's training records, made on demand in the loader's workers (record i is the
+    # one `data synth --train N` writes as i) instead of DATA/train.json, which then only trains a new tokenizer.
+    # DATA still gives world.json (seed, image size) and the held-out test.json. 0: read DATA/train.json.
+    generated_train: int = 0
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
     # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
@@ -205,17 +211,29 @@ def conversation_texts(records: list[dict]):
             yield turn["value"].replace("<image>", "")
 
 
+def record_families(records: Sequence[dict]) -> list:
+    """Each record's family; generated records know theirs without being made."""
+    if isinstance(records, GeneratedRecords):
+        return [records.family(i) for i in range(len(records))]
+    return [r.get("family") for r in records]
+
+
+def record_word_counts(records: Sequence[dict]) -> list[int]:
+    return records.words if isinstance(records, GeneratedRecords) else [record_words(r) for r in records]
+
+
 def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> EpochOrder | SubsetOrder:
     """The main stage's batch order: every record once per epoch, or repeated by `cfg.family_weights`."""
     if not cfg.family_weights:
         return EpochOrder(lengths, cfg.batch_size, cfg.seed)
-    known = {r.get("family") for r in records}
+    families = record_families(records)
+    known = set(families)
     for family, weight in cfg.family_weights.items():
         if family not in known:
             raise ValueError(f"family_weights names {family!r}, which no training record has (families: {sorted(map(str, known))})")
         if not isinstance(weight, int) or weight < 0:
             raise ValueError(f"family_weights[{family!r}] must be a whole number >= 0, got {weight!r}")
-    repeated = [i for i, r in enumerate(records) for _ in range(cfg.family_weights.get(r.get("family"), 1))]
+    repeated = [i for i, f in enumerate(families) for _ in range(cfg.family_weights.get(f, 1))]
     return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed)
 
 
@@ -246,9 +264,9 @@ def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig
             raise ValueError(f"curriculum stage {n} {stage}: needs a whole number 'steps' >= 1 and at most "
                              f"'families' and 'max_words' besides (unknown keys: {sorted(unknown)})")
         families, max_words = set(stage.get("families") or []), stage.get("max_words")
-        picked = [i for i, r in enumerate(records)
-                  if (not families or r.get("family") in families)
-                  and (max_words is None or record_words(r) <= max_words)]
+        words = record_word_counts(records) if max_words is not None else None
+        picked = [i for i, f in enumerate(record_families(records))
+                  if (not families or f in families) and (words is None or words[i] <= max_words)]
         if len(picked) < cfg.batch_size:
             raise ValueError(f"curriculum stage {n} {stage} matches {len(picked)} training records, "
                              f"fewer than one batch of {cfg.batch_size}")
@@ -265,7 +283,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     attention = sdpa_choice(cfg.sdpa_backends)
     run_dir = out.with_name(out.name + ".run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_records = load_records(data / "train.json")
+    if cfg.generated_train and (cfg.preload or cfg.where_records):
+        raise ValueError("generated_train makes records on demand: it cannot be combined with preload or where_records")
+    if cfg.generated_train:
+        train_records = GeneratedRecords.from_world(data, cfg.generated_train, workers=cfg.num_workers, progress=progress)
+    else:
+        train_records = load_records(data / "train.json")
     test_records = load_records(data / "test.json")
     images = [data / "images"]
     if cfg.where_records:
@@ -282,7 +305,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
         tokenizer.save_pretrained(tok_dir)
     else:
-        tokenizer = train_tokenizer(conversation_texts(train_records), vocab_size=cfg.vocab_size, template=cfg.template,
+        texts = load_records(data / "train.json") if cfg.generated_train else train_records
+        tokenizer = train_tokenizer(conversation_texts(texts), vocab_size=cfg.vocab_size, template=cfg.template,
                                     digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups)
         tokenizer.save_pretrained(tok_dir)
     image_processor = build_image_processor(cfg.image_size)
@@ -290,10 +314,16 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
-    dataset = SupervisedDataset(
-        train_records, images, tokenizer, image_processor, cfg.template,
-        num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
-    )
+    # bf16 pixels on a GPU: the same values the autocast patch convolution sees, at half the host traffic
+    pixel_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+    if cfg.generated_train:
+        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype,
+                                   num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
+    else:
+        dataset = SupervisedDataset(
+            train_records, images, tokenizer, image_processor, cfg.template,
+            num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
+        )
     warn_truncated_answers(dataset)
     optimizer = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
@@ -315,15 +345,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     order = curriculum_order(train_records, dataset.lengths, cfg)
     if cfg.preload:
-        # bf16 pixels on a GPU: the same values the autocast patch convolution sees, at half the host traffic
-        pixel_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress, pixel_dtype=pixel_dtype)
     # Preloaded items are shared with forked workers; padding a batch of 128 still costs the main process
     # more than a small model's step on the GPU, so collation stays in workers either way.
     workers = min(cfg.num_workers, 4) if cfg.preload else cfg.num_workers
-    # Batches in flight sit in shared memory: ~8 x 128 records per worker ran in session 9, so larger batches
-    # keep that many records, not that many batches.
-    prefetch = max(2, 1024 // cfg.batch_size)
+    # Batches in flight sit in shared memory: 4 workers x 8 batches x 128 records ran in session 9, so more
+    # workers or larger batches keep about that many records in flight, not more.
+    prefetch = max(2, 4096 // (cfg.batch_size * max(workers, 1)))
     loader = DataLoader(
         dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=workers,

@@ -314,12 +314,12 @@ class SupervisedDataset(Dataset):
         would take minutes): about 4/3 tokens per whitespace word, plus the image block, capped at
         max_length. Only the ordering matters for grouping."""
         if self._lengths is None:
-            out = []
-            for record in self.records:
-                n = math.ceil(record_words(record) * 4 / 3) + (self.num_image_tokens if _has_image(record) else 0)
-                out.append(min(n, self.max_length))
-            self._lengths = out
+            self._lengths = [self.length_estimate(record_words(r), _has_image(r)) for r in self.records]
         return self._lengths
+
+    def length_estimate(self, words: int, has_image: bool) -> int:
+        n = math.ceil(words * 4 / 3) + (self.num_image_tokens if has_image else 0)
+        return min(n, self.max_length)
 
     def _sample_indices(self, sample: int | None, seed: int) -> Sequence[int]:
         """Every record's index, or `sample` of them drawn at random (seeded)."""

@@ -766,6 +766,12 @@ def _mentions_heldout(world: _World, draft: _Draft) -> bool:
 
 def _make_record(world: _World, split: str, index: int, family: str, k: int) -> tuple[dict[str, Any], Any]:
     """One record and its PIL image; deterministic in (world, split, index)."""
+    record = make_record(world, split, index, family, k)
+    return record, render(record["scene"])
+
+
+def make_record(world: _World, split: str, index: int, family: str, k: int) -> dict[str, Any]:
+    """One record without its image (its `scene` draws it); deterministic in (world, split, index)."""
     rid = f"{split}-{index:07d}"
     for attempt in range(100):
         g = _Gen(world, split, f"{index}" if attempt == 0 else f"{index}/{attempt}", k)
@@ -786,7 +792,7 @@ def _make_record(world: _World, split: str, index: int, family: str, k: int) -> 
     record = {"id": rid, "image": f"{split}/{rid}.png", "conversations": conv, "family": family,
               "metric": FAMILIES[family], "answers": [draft.turns[-1][1]], "scene": scene, "kind": draft.kind,
               "heldout": _mentions_heldout(world, draft), **draft.extras}
-    return record, render(scene)
+    return record
 
 
 def _write_json(path: Path, obj: Any, one_record_per_line: bool = False) -> None:

@@ -1,0 +1,86 @@
+"""Records made on demand are the records `data synth` writes, and a teacher trains on them."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from matvlm.data.generated import GeneratedDataset, GeneratedRecords
+from matvlm.data.llava import SupervisedDataset, build_image_processor, load_records, record_words
+from matvlm.data.synth import generate_world
+from matvlm.data.tokenizer import train_tokenizer
+from matvlm.teacher import TeacherConfig, conversation_texts, curriculum_order, train_teacher
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen_world")
+    generate_world(out, n_train=30, n_test=9, seed=5, image_size=64)
+    return out
+
+
+def test_generated_records_are_the_written_ones(world):
+    written = load_records(world / "train.json")
+    made = GeneratedRecords.from_world(world, len(written))
+    assert [json.loads(json.dumps(made[i])) for i in range(len(made))] == written
+    assert [made.family(i) for i in range(len(made))] == [r["family"] for r in written]
+    assert made.words == [record_words(r) for r in written]
+    assert GeneratedRecords.from_world(world, len(written), workers=2).words == made.words  # the parallel count
+    more = GeneratedRecords.from_world(world, 1000)  # beyond what was written: new records, same world
+    assert more[0] == made[0] and more[999]["id"] == "train-0000999"
+    with pytest.raises(IndexError):
+        made[len(written)]
+
+
+def test_generated_items_equal_the_items_read_from_disk(world):
+    written = load_records(world / "train.json")
+    tokenizer = train_tokenizer(conversation_texts(written), vocab_size=400, template="phi")
+    processor = build_image_processor(64)
+    kw = dict(num_image_tokens=16, max_length=1024)
+    disk = SupervisedDataset(written, [world / "images"], tokenizer, processor, "phi", **kw)
+    made = GeneratedDataset(GeneratedRecords.from_world(world, len(written)), tokenizer, processor, "phi", **kw)
+    assert made.lengths == disk.lengths
+    for i in (0, 7, 29):
+        a, b = disk[i], made[i]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])  # PNG is lossless: the same pixels
+    half = GeneratedDataset(made.records, tokenizer, processor, "phi", pixel_dtype=torch.bfloat16, **kw)
+    assert torch.equal(half[7]["pixel_values"], disk[7]["pixel_values"].to(torch.bfloat16))
+
+
+def test_generated_records_need_a_world_of_this_generator(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        GeneratedRecords.from_world(tmp_path, 10)
+    info = json.loads((world / "world.json").read_text())
+    (tmp_path / "world.json").write_text(json.dumps({**info, "generator_version": "0.1"}))
+    with pytest.raises(ValueError, match="generator 0.1"):
+        GeneratedRecords.from_world(tmp_path, 10)
+    with pytest.raises(ValueError, match="n >= 1"):
+        GeneratedRecords(5, 64, 0)
+
+
+def test_family_weights_and_stages_over_generated_records(world):
+    made = GeneratedRecords.from_world(world, 90)  # 10 of each family
+    cfg = TeacherConfig(data=str(world), out="unused", batch_size=4, family_weights={"recall": 3, "caption": 0},
+                        stages=[{"steps": 2, "families": ["count"], "max_words": 1000}])
+    order = curriculum_order(made, [10] * len(made), cfg)
+    batches = [b for _, (_, b) in zip(range(2), order.iterate(0))]
+    assert all(made.family(i) == "count" for b in batches for i in b)
+    mixed = order.then
+    epoch = Counter(made.family(mixed.indices[j]) for batch in mixed.order.epoch_batches(0) for j in batch)
+    assert "caption" not in epoch and epoch["recall"] >= 3 * 10 - 4
+
+
+def test_teacher_trains_on_generated_records(world, tmp_path):
+    out = tmp_path / "teacher"
+    cfg = TeacherConfig(data=str(world), out=str(out), vocab_size=400, image_size=64, patch_size=16, vision_hidden=32,
+                        vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
+                        batch_size=4, steps=4, eval_every=0, save_every=4, num_workers=0, final_eval_records=3,
+                        generated_train=200)
+    results = train_teacher(cfg, progress=False)
+    assert results["n"] == 3
+    info = json.loads((out / "matvlm.json").read_text())
+    assert info["config"]["generated_train"] == 200 and info["train_tokens"] > 0
+    with pytest.raises(ValueError, match="preload"):
+        train_teacher(TeacherConfig(data=str(world), out=str(tmp_path / "t2"), generated_train=10, preload=True))
