@@ -161,7 +161,8 @@ def teacher(
     except TypeError as err:
         fail(f"bad teacher config: {err}")
     results = train_teacher(cfg, resume=resume)
-    console.print(results_table(results, title=f"teacher held-out scores ({out})"))
+    if results is not None:  # None in the other processes of a multi-GPU run
+        console.print(results_table(results, title=f"teacher held-out scores ({out})"))
 
 
 @app.command("teacher-export")

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,10 +19,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, SiglipVisionConfig
+from transformers import (AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig,
+                          PreTrainedTokenizerBase, SiglipVisionConfig)
 
 from .data.generated import GeneratedDataset, GeneratedRecords
 from .data.preload import PreloadedDataset
@@ -274,14 +277,50 @@ def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig
     return order
 
 
+def process_group() -> tuple[int, int, torch.device]:
+    """(rank, process count, device). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) this starts the
+    process group (NCCL on GPUs, gloo on the CPU); each process takes the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: the one saved in the run folder, else init_from's, else one trained on `texts()`."""
+    if (tok_dir / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(tok_dir)
+    if cfg.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+    else:
+        tokenizer = train_tokenizer(conversation_texts(texts()), vocab_size=cfg.vocab_size, template=cfg.template,
+                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups)
+    tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
     """Train (or resume) a teacher; returns the final held-out results. Writes cfg.out atomically at the end.
 
     `stop_at` ends the run after that step with a checkpoint and returns None, as an interruption would.
+    Under `torchrun` / `accelerate launch` with several processes, each takes its rows of every batch
+    (`batch_size` is the global batch) and DDP averages the gradients; process 0 logs, evaluates and saves,
+    and only it returns the results (the others return None).
     """
     data, out = Path(cfg.data), Path(cfg.out)
     attention = sdpa_choice(cfg.sdpa_backends)
     run_dir = out.with_name(out.name + ".run")
+    rank, world, device = process_group()
+    main = rank == 0
+    progress = progress and main
+    if world > 1 and cfg.where_records:
+        raise ValueError("where_records writes its images at start-up: train it in one process")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.generated_train and (cfg.preload or cfg.where_records):
         raise ValueError("generated_train makes records on demand: it cannot be combined with preload or where_records")
@@ -296,22 +335,16 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
                                                       cfg.image_size, cfg.where_max_objects)
         images.append(run_dir / "where")
 
-    tok_dir = run_dir / "tokenizer"
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
-    if (tok_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    elif cfg.init_from:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
-        tokenizer.save_pretrained(tok_dir)
-    else:
-        texts = load_records(data / "train.json") if cfg.generated_train else train_records
-        tokenizer = train_tokenizer(conversation_texts(texts), vocab_size=cfg.vocab_size, template=cfg.template,
-                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups)
-        tokenizer.save_pretrained(tok_dir)
+    texts = (lambda: load_records(data / "train.json")) if cfg.generated_train else (lambda: train_records)
+    if main:  # the others read what process 0 saved
+        teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
+    if world > 1:
+        dist.barrier()
+    tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
     image_processor = build_image_processor(cfg.image_size)
     model = build_teacher(cfg, tokenizer)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
     # bf16 pixels on a GPU: the same values the autocast patch convolution sees, at half the host traffic
@@ -324,7 +357,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
             train_records, images, tokenizer, image_processor, cfg.template,
             num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
         )
-    warn_truncated_answers(dataset)
+    if main:
+        warn_truncated_answers(dataset)
     optimizer = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     start, history = 0, []
@@ -340,8 +374,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start, history = meta["step"], meta["history"]
-        print(f"resuming from {checkpoints[-1]} at step {start}")
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if main:
+            print(f"resuming from {checkpoints[-1]} at step {start}")
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     order = curriculum_order(train_records, dataset.lengths, cfg)
     if cfg.preload:
@@ -353,7 +389,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     # workers or larger batches keep about that many records in flight, not more.
     prefetch = max(2, 4096 // (cfg.batch_size * max(workers, 1)))
     loader = DataLoader(
-        dataset, batch_sampler=ResumableBatches(order, start, cfg.steps),
+        dataset, batch_sampler=ResumableBatches(order, start, cfg.steps, rank, world),
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
     )
@@ -365,34 +401,54 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # read back in groups: no sync per step
 
     def flush() -> None:
+        nonlocal tokens
         if not pending:
             return
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending]).tolist()
-        for (at, _, _, batch_tokens), (loss_value, norm_value) in zip(pending, values):
+        values = torch.stack([torch.stack([loss, norm.float(), torch.tensor(float(n), device=device)])
+                              for _, loss, norm, n in pending])
+        if world > 1:  # each process's loss is its share of the global mean; the norm is the same everywhere
+            dist.all_reduce(values)
+            values[:, 1] /= world
+        for (at, *_), (loss_value, norm_value, batch_tokens) in zip(pending, values.tolist()):
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {at}; lower --lr")
-            history.append([at, loss_value, norm_value, batch_tokens])
+            history.append([at, loss_value, norm_value, int(batch_tokens)])
+            tokens += int(batch_tokens)
         pending.clear()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 
     forward = compiled_forward(model, cfg.compile)
+    if world > 1:  # wraps the compiled layers, as torchtitan does
+        # Vision layers after the feature layer get no gradient (every world record has an image, so the rest do).
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.vision_feature_layer != -1)
     profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
     if profile_at != cfg.profile_at:
         bar.write(f"profile_at {cfg.profile_at} -> {profile_at}: the window holds no checkpoint or evaluation")
-    profiler = StepProfiler(profile_at, run_dir / "profile.txt", last=cfg.steps)
+    profiler = StepProfiler(profile_at if main else 0, run_dir / "profile.txt", last=cfg.steps)
     model.train()
+    stopping = False
     for batch in loader:
         profiler.begin(step + 1)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
-        # Mean CE over every answer token of the whole batch, however it is split into micro-batches.
-        num_targets = int((batch["labels"][:, 1:] != -100).sum())
+        # Mean CE over every answer token of the whole (global) batch, however it is split into micro-batches
+        # and processes. DDP averages gradients over processes, so each scales its share by their number.
+        num_targets: int | torch.Tensor = int((batch["labels"][:, 1:] != -100).sum())
+        if world > 1:
+            num_targets = torch.tensor(float(num_targets), device=device)
+            dist.all_reduce(num_targets)
         loss = torch.zeros((), device=device)
-        for chunk in micro_batches(batch, cfg.max_batch_tokens):
+        chunks = micro_batches(batch, cfg.max_batch_tokens)
+        for n, chunk in enumerate(chunks):
             chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
-            with autocast, attention():  # backward runs the kernel that the forward chose
-                part = forward(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
-            part.backward()
+            # one gradient all-reduce a step, after the last micro-batch (ranks may have different counts)
+            sync = world == 1 or n == len(chunks) - 1
+            with contextlib.nullcontext() if sync else forward.no_sync():
+                with autocast, attention():  # backward runs the kernel that the forward chose
+                    part = forward(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
+                (part * world).backward()
             loss += part.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -400,32 +456,34 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         step += 1
         if profiled := profiler.end(step):
             bar.write(f"profile: {profiled} ({run_dir / 'profile.txt'})")
-        batch_tokens = int(batch["attention_mask"].sum())
-        tokens += batch_tokens
-        pending.append((step, loss, grad_norm, batch_tokens))
+        pending.append((step, loss, grad_norm, int(batch["attention_mask"].sum())))
         bar.update(1)
         stopping = stop_at is not None and step >= stop_at
         saving = step % cfg.save_every == 0 or step == cfg.steps or stopping
         evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
         if len(pending) >= 25 or saving or evaluating:
             flush()
-        if saving:
+        if saving and main:
             save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
-        if evaluating:
+        if evaluating and main:  # the others wait for it at the next step's all-reduce
             with torch.compiler.set_stance("force_eager"):  # generation's shapes would recompile the layers
                 res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
             bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
                 f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
             model.train()
         if stopping:
-            bar.close()
-            return None
+            break
     bar.close()
     train_seconds = time.perf_counter() - began
-
-    return finish_teacher(model, cfg, tokenizer, image_processor, history, train_seconds, progress=progress)
+    results = None
+    if main and not stopping:
+        results = finish_teacher(model, cfg, tokenizer, image_processor, history, train_seconds, progress=progress)
+    if world > 1:
+        dist.barrier()  # the others wait for process 0's checkpoint and final evaluation
+        dist.destroy_process_group()
+    return results
 
 
 def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, history: list, train_seconds: float | None,

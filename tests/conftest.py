@@ -1,4 +1,8 @@
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,20 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_on_cpu(n: int, argv: list[str], timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `argv` (a script and its arguments) as n CPU processes. `--cpu` starts ONE process
+    whatever --num_processes says, so n > 1 goes through torchrun (--multi_gpu), with ACCELERATE_USE_CPU for gloo."""
+    mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # not the default: other runs may hold it
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([*launch, *argv], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)

@@ -10,21 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import launch_on_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ddp_scaling.py"
 
 
 def _launch(n: int, out: Path) -> dict:
-    # `accelerate launch --cpu` starts ONE process whatever --num_processes says (without an MPI hostfile);
-    # --multi_gpu goes through torchrun, and ACCELERATE_USE_CPU makes accelerate pick gloo on the CPU.
-    mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = ["--shape", "tiny", "--out", str(out), "--global-batch", "4", "--tokens", "32", "--steps", "2",
             "--warmup", "1"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([*launch, str(SCRIPT), *args], capture_output=True, text=True, check=False, timeout=120,
-                          cwd=ROOT, env=env)
+    proc = launch_on_cpu(n, [str(SCRIPT), *args], timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 

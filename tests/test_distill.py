@@ -15,7 +15,7 @@ from matvlm.io import load_vlm
 from matvlm.teacher import TeacherConfig, train_teacher
 from matvlm.training import list_checkpoints
 
-from .conftest import make_prompt
+from .conftest import launch_on_cpu, make_prompt
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -273,9 +273,6 @@ if not dist.is_initialized() or dist.get_rank() == 0:  # one writer: lines of tw
 
 def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
     """DDP through `accelerate launch` (2 CPU processes, gloo) at the same global batch: same losses."""
-    import os
-    import subprocess
-    import sys
     from dataclasses import asdict
 
     script = tmp_path / "ddp.py"
@@ -283,13 +280,7 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
     curves = []
     for n in (1, 2):
         cfg = asdict(_cfg(tiny_teacher, tmp_path / f"out{n}", steps=3, save_every=3))
-        # `--cpu` alone starts one process whatever --num_processes says; torchrun (--multi_gpu) with
-        # ACCELERATE_USE_CPU starts n gloo processes.
-        mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
-        launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run([*launch, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=300, env=env)
+        proc = launch_on_cpu(n, [str(script), json.dumps(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"PROCESSES {n}" in proc.stdout, proc.stdout[-2000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]

@@ -3,7 +3,6 @@ process, the same trained weights in the written hybrid, and an exact resume; pl
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,6 +15,7 @@ from matvlm.distill.sharding import Launcher, even_micro_batches, launcher_setti
 from matvlm.io import load_vlm
 from matvlm.training import list_checkpoints, load_checkpoint, micro_batches
 
+from .conftest import free_port
 from .test_distill import _cfg, tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
 
 RUNS_SCRIPT = """
@@ -58,7 +58,7 @@ def _launch(tmp_path, runs: list[dict], fsdp_flag: bool, gpu: bool) -> dict:
     mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp_flag else ["--multi_gpu"]  # both start 2 processes
     launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]  # not the default: other runs may hold it
+              "--main_process_port", str(free_port())]  # not the default: other runs may hold it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not gpu:
         env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
@@ -76,12 +76,6 @@ def _launch(tmp_path, runs: list[dict], fsdp_flag: bool, gpu: bool) -> dict:
             out[name + "_heldout"] = json.loads(heldout)
     assert {k for k in out if "_" not in k} == {r["name"] for r in runs}, proc.stdout[-2000:]
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(name, cfg, stop_at=None, resume=False) -> dict:

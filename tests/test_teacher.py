@@ -17,6 +17,8 @@ from matvlm.teacher import (TeacherConfig, build_teacher, compiled_forward, curr
                             teacher_param_groups, train_teacher)
 from matvlm.training import list_checkpoints, load_checkpoint
 
+from .conftest import launch_on_cpu
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -283,3 +285,36 @@ def test_committed_teacher_configs_are_valid(path):
     sdpa_choice(cfg.sdpa_backends)
     for stage in cfg.stages:
         assert set(stage) <= {"steps", "families", "max_words"} and stage["steps"] >= 1, stage
+
+
+DDP_TEACHER = """
+import json, os, sys
+from matvlm.teacher import TeacherConfig, train_teacher
+results = train_teacher(TeacherConfig(**json.loads(sys.argv[1])), progress=False)
+if int(os.environ.get("RANK", "0")) == 0:
+    print("PROCESSES", os.environ.get("WORLD_SIZE", "1"), "RESULTS", results is not None, flush=True)
+"""
+
+
+def test_two_processes_train_the_teacher_of_one(world, tmp_path):
+    """DDP through `accelerate launch` (2 CPU processes, gloo), the same global batches: same losses and weights."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp_teacher.py"
+    script.write_text(DDP_TEACHER)
+    runs = []
+    for n in (1, 2):
+        out = tmp_path / f"teacher{n}"
+        cfg = asdict(tiny_cfg(world, out, steps=4, save_every=4, save_dtype="float32", max_batch_tokens=300))
+        proc = launch_on_cpu(n, [str(script), json.dumps(cfg)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"PROCESSES {n} RESULTS True" in proc.stdout, proc.stdout[-2000:]
+        runs.append((history(out), load_file(out / "model.safetensors")))
+    (one, weights_one), (two, weights_two) = runs
+    assert [r[0] for r in one] == [r[0] for r in two] == [1, 2, 3, 4]
+    assert [r[3] for r in one] == [r[3] for r in two]  # tokens: both processes' rows counted
+    torch.testing.assert_close(torch.tensor([r[1:3] for r in two]), torch.tensor([r[1:3] for r in one]), rtol=1e-5, atol=1e-6)
+    for k in weights_one:
+        torch.testing.assert_close(weights_two[k], weights_one[k], rtol=1e-4, atol=1e-5)
