@@ -282,6 +282,8 @@ def eval_command(
     batch_size: int = typer.Option(32, help="Prompts per generation batch."),
     max_new_tokens: int = typer.Option(32, help="Longest answer."),
     limit: int = typer.Option(0, help="Only the first N records (0: all)."),
+    per_family: int = typer.Option(0, help="Only the first N records of each family (0: all), e.g. to score a "
+                                   "sample of training records against the held-out ones."),
     out: Path = typer.Option(None, help="Results JSON (default: MODEL_DIR/eval-<data name>.json)."),
     template: str = typer.Option(None, help="Chat template (default: the model's, else guessed from its tokenizer)."),
     skip_bad: bool = typer.Option(False, help="Count and report bad records instead of stopping at the first."),
@@ -293,7 +295,7 @@ def eval_command(
 
     from matvlm.data.llava import BadRecordError, DataError, load_records
     from matvlm.eval.report import results_table, write_json_atomic
-    from matvlm.eval.runner import evaluate, guess_template, read_model_info
+    from matvlm.eval.runner import evaluate, first_per_family, guess_template, read_model_info
     from matvlm.io import load_image_processor, load_vlm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,6 +307,8 @@ def eval_command(
         records, problems = loaded if skip_bad else (loaded, [])
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
+    if per_family:
+        records = first_per_family(records, per_family)
     if limit:
         records = records[:limit]
     template = template or read_model_info(model_dir).get("template") or guess_template(tokenizer)

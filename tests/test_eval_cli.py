@@ -37,6 +37,20 @@ def test_eval_writes_scores_for_every_family(setup):
     assert "Average" in result.output
 
 
+def test_eval_on_the_first_records_of_each_family(setup):
+    out = setup / "train_sample.json"
+    result = runner.invoke(app, ["eval", str(setup / "teacher"), "--data", str(setup / "world" / "train.json"),
+                                 "--per-family", "1", "--batch-size", "4", "--max-new-tokens", "4", "--out", str(out),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    written = json.loads((setup / "world" / "train.json").read_text())
+    firsts = {}
+    for r in written:
+        firsts.setdefault(r["family"], r["id"])
+    assert scores["n"] == 9 and [r["id"] for r in scores["records"]] == list(firsts.values())
+
+
 def test_bad_records_stop_or_are_skipped(setup):
     records = json.loads((setup / "world" / "test.json").read_text())
     records[2]["image"] = "test/does-not-exist.png"

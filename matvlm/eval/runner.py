@@ -30,6 +30,18 @@ class GenerationRun:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
+def first_per_family(records: list[dict], n: int) -> list[dict]:
+    """The first n records of each family (records without one count as family None), in their order."""
+    seen: dict = {}
+    kept = []
+    for record in records:
+        family = record.get("family")
+        seen[family] = seen.get(family, 0) + 1
+        if seen[family] <= n:
+            kept.append(record)
+    return kept
+
+
 def read_model_info(model_dir: str | Path) -> dict:
     path = Path(model_dir) / MODEL_INFO_FILE
     return json.loads(path.read_text()) if path.exists() else {}
