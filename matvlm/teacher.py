@@ -277,6 +277,18 @@ def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig
     return order
 
 
+def params_without_gradient(model: LlavaForConditionalGeneration) -> list[torch.nn.Parameter]:
+    """The vision tower's parameters that never get a gradient: Llava reads hidden_states[vision_feature_layer],
+    so the encoder layers after that one and the post-layernorm (applied to the last layer only) go unused."""
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    read = model.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[k]: the output of k layers
+    unused = list(tower.post_layernorm.parameters())
+    for layer in layers[read:]:
+        unused += list(layer.parameters())
+    return unused
+
+
 def process_group() -> tuple[int, int, torch.device]:
     """(rank, process count, device). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) this starts the
     process group (NCCL on GPUs, gloo on the CPU); each process takes the GPU of its LOCAL_RANK."""
@@ -419,10 +431,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     forward = compiled_forward(model, cfg.compile)
     if world > 1:  # wraps the compiled layers, as torchtitan does
-        # Vision layers after the feature layer get no gradient (every world record has an image, so the rest do).
+        # DDP waits for a gradient of every trainable parameter: those that never get one are frozen (AdamW
+        # skips them either way). Every world record has an image, so all the others get one each step.
+        for p in params_without_gradient(model):
+            p.requires_grad_(False)
         forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.vision_feature_layer != -1)
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
     profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
     if profile_at != cfg.profile_at:
         bar.write(f"profile_at {cfg.profile_at} -> {profile_at}: the window holds no checkpoint or evaluation")

@@ -296,7 +296,21 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
-def test_two_processes_train_the_teacher_of_one(world, tmp_path):
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_params_without_gradient_are_exactly_those_unused(world, feature_layer):
+    from matvlm.teacher import params_without_gradient
+
+    tokenizer = train_tokenizer(["a b c"], vocab_size=300, template="phi")
+    model = build_teacher(tiny_cfg(world, "unused", vision_feature_layer=feature_layer), tokenizer)
+    n_img = model.config.image_seq_length
+    ids = torch.tensor([[5] + [model.config.image_token_index] * n_img + [6, 7, 8]])
+    model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), labels=ids).loss.backward()
+    unused = {id(p) for p in params_without_gradient(model)}
+    assert unused and all((p.grad is None) == (id(p) in unused) for p in model.parameters())
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer):
     """DDP through `accelerate launch` (2 CPU processes, gloo), the same global batches: same losses and weights."""
     from dataclasses import asdict
 
@@ -307,7 +321,8 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path):
     runs = []
     for n in (1, 2):
         out = tmp_path / f"teacher{n}"
-        cfg = asdict(tiny_cfg(world, out, steps=4, save_every=4, save_dtype="float32", max_batch_tokens=300))
+        cfg = asdict(tiny_cfg(world, out, steps=4, save_every=4, save_dtype="float32", max_batch_tokens=300,
+                              vision_feature_layer=feature_layer))
         proc = launch_on_cpu(n, [str(script), json.dumps(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"PROCESSES {n} RESULTS True" in proc.stdout, proc.stdout[-2000:]
