@@ -122,6 +122,10 @@ class TeacherConfig:
     # of CPU per attention call (1.1 s of 2.5 s of CPU in 10 steps) with the world's varying lengths.
     sdpa_backends: list[str] = field(default_factory=list)
     profile_at: int = 0  # profile 10 steps from this one into OUT.run/profile.txt (0: off)
+    # Intra-op CPU threads of a GPU run's training process (0: torch's default, one per core). It only launches
+    # kernels and counts tokens; with one thread per core in each of several runs on one host, its small CPU ops
+    # contend (session 10's profile: 3 ms for a `labels != -100` of a batch-512 step).
+    host_threads: int = 4
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
     seed: int = 0
     bf16: bool = True
@@ -192,7 +196,7 @@ def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfi
 
 
 # Options that may change between a run and its resumption; every other one must stay the same.
-RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "profile_at", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
+RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "profile_at", "host_threads", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
 def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
@@ -329,6 +333,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     attention = sdpa_choice(cfg.sdpa_backends)
     run_dir = out.with_name(out.name + ".run")
     rank, world, device = process_group()
+    if device.type == "cuda" and cfg.host_threads:
+        torch.set_num_threads(min(torch.get_num_threads(), cfg.host_threads))
     main = rank == 0
     progress = progress and main
     if world > 1 and cfg.where_records:
