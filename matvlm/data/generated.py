@@ -10,6 +10,7 @@ one word count per record (for length-grouped batches).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -53,8 +54,6 @@ class GeneratedRecords(Sequence):
     @classmethod
     def from_world(cls, world_dir: str | Path, n: int, **kwargs) -> GeneratedRecords:
         """Records of the world described by WORLD_DIR/world.json (written by `matvlm data synth`)."""
-        import json
-
         path = Path(world_dir) / "world.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: generated records need the world's seed and image size "
