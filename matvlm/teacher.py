@@ -293,6 +293,12 @@ def params_without_gradient(model: LlavaForConditionalGeneration) -> list[torch.
     return unused
 
 
+def limit_host_threads(device: torch.device, threads: int) -> None:
+    """On a GPU, keep at most `threads` intra-op CPU threads (0: leave torch's default): see `host_threads`."""
+    if device.type == "cuda" and threads:
+        torch.set_num_threads(min(torch.get_num_threads(), threads))
+
+
 def process_group() -> tuple[int, int, torch.device]:
     """(rank, process count, device). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) this starts the
     process group (NCCL on GPUs, gloo on the CPU); each process takes the GPU of its LOCAL_RANK."""
@@ -333,8 +339,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     attention = sdpa_choice(cfg.sdpa_backends)
     run_dir = out.with_name(out.name + ".run")
     rank, world, device = process_group()
-    if device.type == "cuda" and cfg.host_threads:
-        torch.set_num_threads(min(torch.get_num_threads(), cfg.host_threads))
+    limit_host_threads(device, cfg.host_threads)
     main = rank == 0
     progress = progress and main
     if world > 1 and cfg.where_records:

@@ -333,3 +333,19 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer):
     torch.testing.assert_close(torch.tensor([r[1:3] for r in two]), torch.tensor([r[1:3] for r in one]), rtol=1e-5, atol=1e-6)
     for k in weights_one:
         torch.testing.assert_close(weights_two[k], weights_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_host_threads_are_limited_on_a_gpu_only():
+    from matvlm.teacher import limit_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limit_host_threads(torch.device("cpu"), 1)
+        assert torch.get_num_threads() == 2
+        limit_host_threads(torch.device("cuda"), 0)
+        assert torch.get_num_threads() == 2
+        limit_host_threads(torch.device("cuda"), 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
