@@ -327,6 +327,22 @@ def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTok
     return tokenizer
 
 
+def training_records(cfg: TeacherConfig, run_dir: Path, progress: bool = True) -> tuple[Sequence[dict], list[Path]]:
+    """The run's training records and their image folders: DATA/train.json (plus any where records), or
+    `generated_train` records made on demand."""
+    data = Path(cfg.data)
+    if cfg.generated_train:
+        if cfg.preload or cfg.where_records:
+            raise ValueError("generated_train makes records on demand: it cannot be combined with preload or where_records")
+        return GeneratedRecords.from_world(data, cfg.generated_train, workers=cfg.num_workers, progress=progress), []
+    records, images = load_records(data / "train.json"), [data / "images"]
+    if cfg.where_records:
+        records = records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
+                                          cfg.image_size, cfg.where_max_objects)
+        images.append(run_dir / "where")
+    return records, images
+
+
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
     """Train (or resume) a teacher; returns the final held-out results. Writes cfg.out atomically at the end.
 
@@ -345,18 +361,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     if world > 1 and cfg.where_records:
         raise ValueError("where_records writes its images at start-up: train it in one process")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.generated_train and (cfg.preload or cfg.where_records):
-        raise ValueError("generated_train makes records on demand: it cannot be combined with preload or where_records")
-    if cfg.generated_train:
-        train_records = GeneratedRecords.from_world(data, cfg.generated_train, workers=cfg.num_workers, progress=progress)
-    else:
-        train_records = load_records(data / "train.json")
+    train_records, images = training_records(cfg, run_dir, progress)
     test_records = load_records(data / "test.json")
-    images = [data / "images"]
-    if cfg.where_records:
-        train_records = train_records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
-                                                      cfg.image_size, cfg.where_max_objects)
-        images.append(run_dir / "where")
 
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
@@ -372,14 +378,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     # bf16 pixels on a GPU: the same values the autocast patch convolution sees, at half the host traffic
     pixel_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+    items = dict(num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
     if cfg.generated_train:
-        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype,
-                                   num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
+        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype, **items)
     else:
-        dataset = SupervisedDataset(
-            train_records, images, tokenizer, image_processor, cfg.template,
-            num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length, source=data / "train.json",
-        )
+        dataset = SupervisedDataset(train_records, images, tokenizer, image_processor, cfg.template,
+                                    source=data / "train.json", **items)
     if main:
         warn_truncated_answers(dataset)
     optimizer = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
@@ -494,7 +498,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
                 csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
         if evaluating and main:  # the others wait for it at the next step's all-reduce
             with torch.compiler.set_stance("force_eager"):  # generation's shapes would recompile the layers
-                res = evaluate(model, tokenizer, image_processor, eval_subset, images, cfg.template, batch_size=128, progress=False)
+                res = evaluate(model, tokenizer, image_processor, eval_subset, [data / "images"], cfg.template,
+                               batch_size=128, progress=False)
             bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
                 f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
             model.train()

@@ -76,8 +76,8 @@ def test_teacher_trains_on_generated_records(world, tmp_path):
     out = tmp_path / "teacher"
     cfg = TeacherConfig(data=str(world), out=str(out), vocab_size=400, image_size=64, patch_size=16, vision_hidden=32,
                         vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
-                        batch_size=4, steps=4, eval_every=0, save_every=4, num_workers=0, final_eval_records=3,
-                        generated_train=200)
+                        batch_size=4, steps=4, eval_every=2, eval_records=3, save_every=4, num_workers=0,
+                        final_eval_records=3, generated_train=200)  # eval_every: test images are read from DATA
     results = train_teacher(cfg, progress=False)
     assert results["n"] == 3
     info = json.loads((out / "matvlm.json").read_text())
