@@ -367,11 +367,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
     texts = (lambda: load_records(data / "train.json")) if cfg.generated_train else (lambda: train_records)
-    if main:  # the others read what process 0 saved
-        teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
+    if main:
+        tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
     if world > 1:
         dist.barrier()
-    tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
+    if not main:  # read what process 0 saved
+        tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
     image_processor = build_image_processor(cfg.image_size)
     model = build_teacher(cfg, tokenizer)
     model.to(device)
@@ -431,16 +432,18 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         nonlocal tokens
         if not pending:
             return
-        values = torch.stack([torch.stack([loss, norm.float(), torch.tensor(float(n), device=device)])
-                              for _, loss, norm, n in pending])
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending])
+        counts = [n for *_, n in pending]
         if world > 1:  # each process's loss is its share of the global mean; the norm is the same everywhere
+            values = torch.cat([values, torch.tensor(counts, device=device, dtype=values.dtype)[:, None]], dim=1)
             dist.all_reduce(values)
             values[:, 1] /= world
-        for (at, *_), (loss_value, norm_value, batch_tokens) in zip(pending, values.tolist()):
+            counts = [int(n) for n in values[:, 2].tolist()]
+        for (at, *_), (loss_value, norm_value, *_), batch_tokens in zip(pending, values.tolist(), counts):
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {at}; lower --lr")
-            history.append([at, loss_value, norm_value, int(batch_tokens)])
-            tokens += int(batch_tokens)
+            history.append([at, loss_value, norm_value, batch_tokens])
+            tokens += batch_tokens
         pending.clear()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
 

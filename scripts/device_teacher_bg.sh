@@ -1,8 +1,8 @@
 # On the GPU machine: train a teacher in the background while other work runs in the foreground.
 # Usage: bash scripts/device_teacher_bg.sh CONFIG [SECONDS] [NAME] [GPU]. The run (runs/NAME, default runs/teacher,
 # on GPU number GPU, default 0; a list such as 0,1 trains one run over those GPUs with DDP through torchrun, the
-# config's batch_size being the global batch) is started in its own process session (setsid), so it outlives this call and goes
-# on while the machine stays warm; a later call checks `tail runs/NAME_bg.log` and brings weights back with
+# config's batch_size being the global batch) is started in its own process session (setsid), so it outlives this
+# call and goes on while the machine stays warm; a later call checks `tail runs/NAME_bg.log` and brings weights back with
 # scripts/device_teacher_fetch.sh runs/NAME.run. Two names on two GPUs train two teachers side by side.
 set -o pipefail
 source scripts/device_setup.sh

@@ -29,8 +29,8 @@ def where_records(out_dir: str | Path, n: int, seed: int, world_json: str | Path
                   image_size: int = 128, max_objects: int = 6) -> list[dict[str, Any]]:
     """`n` records of one object (family "where1"), `n` of 2..`max_objects` objects ("where") and, on those images,
     `n` listing every object and its cell in reading order ("where_list"), in the LLaVA schema with their scenes;
-    images go to `out_dir` (kept if already there, so a resumed run reuses them). Objects in a scene have distinct colour-shape pairs, so the question names exactly one. Deterministic for
-    `seed`."""
+    images go to `out_dir` (kept if already there, so a resumed run reuses them). Objects in a scene have distinct
+    colour-shape pairs, so the question names exactly one. Deterministic for `seed`."""
     if n < 1:
         raise ValueError(f"where_records: n must be >= 1, got {n}")
     if not 2 <= max_objects <= GRID * GRID:
