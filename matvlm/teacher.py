@@ -366,6 +366,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         raise ValueError("where_records writes its images at start-up: train it in one process")
     run_dir.mkdir(parents=True, exist_ok=True)
     train_records, images = training_records(cfg, run_dir, progress)
+    if world > 1 and isinstance(train_records, GeneratedRecords):  # each process sizes its share of the records
+        shares: list = [None] * world
+        dist.all_gather_object(shares, train_records.size_blocks(rank, world))
+        train_records.join_blocks(shares)
     test_records = load_records(data / "test.json")
 
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
@@ -543,6 +547,8 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
         "world": {k: world.get(k) for k in ("generator_version", "seed", "image_size", "counts")},
         "config": asdict(cfg),
     }
+    if cfg.generated_train:  # the world's counts describe its files on disk, not the records this run made
+        info["world"]["generated_train"] = cfg.generated_train
     source_info = Path(cfg.init_from) / MODEL_INFO_FILE if cfg.init_from else None
     if source_info is not None and source_info.exists():  # a continued teacher counts what its start had seen
         source = json.loads(source_info.read_text())

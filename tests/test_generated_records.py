@@ -20,6 +20,20 @@ def world(tmp_path_factory):
     return out
 
 
+def test_sizing_shared_by_processes_joins_to_the_whole(world, monkeypatch):
+    """DDP runs size every `parts`-th block in each process and gather: the joined counts are one process's."""
+    import matvlm.data.generated as generated
+
+    monkeypatch.setattr(generated, "_BLOCK", 7)  # 30 records: 5 blocks, the last one short
+    whole = GeneratedRecords.from_world(world, 30).words
+    for parts in (2, 3, 6):
+        made = GeneratedRecords.from_world(world, 30)
+        made.join_blocks([made.size_blocks(p, parts) for p in range(parts)])
+        assert made.words == whole
+    with pytest.raises(ValueError, match="word counts"):
+        made.join_blocks([made.size_blocks(0, 2)])
+
+
 def test_generated_records_are_the_written_ones(world):
     written = load_records(world / "train.json")
     made = GeneratedRecords.from_world(world, len(written))
@@ -82,5 +96,6 @@ def test_teacher_trains_on_generated_records(world, tmp_path):
     assert results["n"] == 3
     info = json.loads((out / "matvlm.json").read_text())
     assert info["config"]["generated_train"] == 200 and info["train_tokens"] > 0
+    assert info["world"]["generated_train"] == 200
     with pytest.raises(ValueError, match="preload"):
         train_teacher(TeacherConfig(data=str(world), out=str(tmp_path / "t2"), generated_train=10, preload=True))

@@ -309,9 +309,10 @@ def test_params_without_gradient_are_exactly_those_unused(world, feature_layer):
     assert unused and all((p.grad is None) == (id(p) in unused) for p in model.parameters())
 
 
-@pytest.mark.parametrize("feature_layer", [-1, -2])
-def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer):
-    """DDP through `accelerate launch` (2 CPU processes, gloo), the same global batches: same losses and weights."""
+@pytest.mark.parametrize("feature_layer,generated", [(-1, 0), (-2, 0), (-1, 40)])
+def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer, generated):
+    """DDP through `accelerate launch` (2 CPU processes, gloo), the same global batches: same losses and weights.
+    With generated records each process sizes half of them, and the gathered lengths give the same batches."""
     from dataclasses import asdict
 
     from safetensors.torch import load_file
@@ -322,7 +323,7 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer):
     for n in (1, 2):
         out = tmp_path / f"teacher{n}"
         cfg = asdict(tiny_cfg(world, out, steps=4, save_every=4, save_dtype="float32", max_batch_tokens=300,
-                              vision_feature_layer=feature_layer))
+                              vision_feature_layer=feature_layer, generated_train=generated))
         proc = launch_on_cpu(n, [str(script), json.dumps(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"PROCESSES {n} RESULTS True" in proc.stdout, proc.stdout[-2000:]
