@@ -76,11 +76,16 @@ def load_image_processor(path: str | Path):
     return AutoImageProcessor.from_pretrained(path, backend="pil")
 
 
+# What a model directory says about that model alone: a model made from it must not inherit them.
+MODEL_DOCUMENTS = ("config.json", "README.md", "heldout_scores.json")
+
+
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy tokenizer / processor / template files of a model directory (not its weights or config)."""
+    """Copy tokenizer / processor / template files of a model directory (not its weights, config, model card or
+    scores)."""
     copied = []
     for item in sorted(Path(src).iterdir()):
-        if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
+        if item.is_file() and item.name not in MODEL_DOCUMENTS and not item.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(item, Path(dst) / item.name)
             copied.append(item.name)
     return copied

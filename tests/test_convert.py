@@ -129,3 +129,16 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         with atomic_directory(out):
             pass
+
+
+def test_side_files_leave_the_source_models_card_scores_and_weights(tmp_path):
+    from matvlm.io import copy_side_files
+
+    src, dst = tmp_path / "teacher", tmp_path / "hybrid"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja", "matvlm.json", "config.json", "README.md",
+                 "heldout_scores.json", "model.safetensors"):
+        (src / name).write_text("{}")
+    assert copy_side_files(src, dst) == ["chat_template.jinja", "matvlm.json", "tokenizer.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["chat_template.jinja", "matvlm.json", "tokenizer.json"]

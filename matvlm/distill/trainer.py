@@ -434,7 +434,6 @@ def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summa
             student.config.dtype = str(save_dtype).split(".")[1]  # save_pretrained wrote the sharded model's
             student.config.save_pretrained(tmp)
         copy_side_files(cfg.teacher, tmp)
-        (tmp / "heldout_scores.json").unlink(missing_ok=True)  # the teacher's scores, not this model's
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         write_json_atomic(tmp / "distill_summary.json", {k: v for k, v in summary.items() if k != "history"})
