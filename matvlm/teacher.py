@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -199,11 +200,42 @@ def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfi
 RESUMABLE_CHANGES = {"num_workers", "preload", "compile", "profile_at", "host_threads", "eval_every", "eval_records", "final_eval_records", "save_every", "out", "data"}
 
 
+PATCH_KEY, POSITION_KEY = "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight"
+
+
+def resample_patches(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """Fit another teacher's vision embeddings to this one's smaller patches, in place; returns the keys changed.
+
+    A patch of p/k pixels with the kernel summed over k x k blocks sees exactly what the p-pixel kernel sees on
+    the image enlarged k times (nearest): the vision tower starts on a zoomed-in image with k^2 times the
+    tokens (the FlexiViT view). The position table is resized bicubically to the finer grid (also when only
+    the image size differs)."""
+    changed = []
+    for key, value in tensors.items():
+        if key not in own or own[key].shape == value.shape:
+            continue
+        if key.endswith(PATCH_KEY):
+            (o, c, p, _), q = value.shape, own[key].shape[-1]
+            if p % q:
+                raise ValueError(f"init_from: patch {p} cannot be split into patches of {q} ({key})")
+            tensors[key] = value.reshape(o, c, q, p // q, q, p // q).sum((3, 5))
+        elif key.endswith(POSITION_KEY):
+            g, h = math.isqrt(value.shape[0]), math.isqrt(own[key].shape[0])
+            grid = value.T.reshape(1, -1, g, g)
+            tensors[key] = F.interpolate(grid, size=(h, h), mode="bicubic", align_corners=False).reshape(-1, h * h).T
+        else:
+            continue
+        changed.append(key)
+    return changed
+
+
 def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
-    """Start from another teacher's weights (e.g. the shipped one, to train it further)."""
+    """Start from another teacher's weights (e.g. the shipped one, to train it further). A teacher of larger
+    patches (a multiple of this one's) also fits: see `resample_patches`."""
     # from_pretrained maps the saved key layout onto the current one.
     tensors = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).state_dict()
     own = model.state_dict()
+    resample_patches(tensors, own)
     bad = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if bad or missing or unexpected:

@@ -196,6 +196,36 @@ def test_init_from_an_existing_teacher(world, tmp_path):
         train_teacher(tiny_cfg(world, tmp_path / "none", init_from=str(tmp_path)), progress=False)
 
 
+def test_init_from_larger_patches_sees_a_zoomed_image(world, tmp_path):
+    """A patch-8 teacher from a patch-16 one: its patch embedding of an image is the old one's of that image
+    enlarged twice (nearest), the position table is resized to the finer grid, and all else is copied."""
+    from matvlm.teacher import POSITION_KEY, init_weights, resample_patches
+
+    first = tmp_path / "p16"
+    train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
+    old = LlavaForConditionalGeneration.from_pretrained(first, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    new = build_teacher(tiny_cfg(world, "unused", patch_size=8), tokenizer)
+    init_weights(new, first)
+    assert new.config.image_seq_length == 4 * old.config.image_seq_length
+    emb_old, emb_new = (m.model.vision_tower.embeddings for m in (old, new))
+    x = torch.randn(2, 3, 64, 64)
+    big = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(emb_new.patch_embedding(x), emb_old.patch_embedding(big), rtol=1e-5, atol=1e-5)
+    assert emb_new.position_embedding.weight.shape == (64, 32)
+    corner_old, corner_new = (e.position_embedding.weight[0].detach() for e in (emb_old, emb_new))
+    assert torch.allclose(corner_new, corner_old, atol=0.5 * float(corner_old.abs().max()))  # near the old corner
+    flat = {"p." + POSITION_KEY: torch.ones(16, 32) * torch.arange(32.0)}  # the same table everywhere stays so
+    assert resample_patches(flat, {"p." + POSITION_KEY: torch.zeros(64, 32)}) == ["p." + POSITION_KEY]
+    torch.testing.assert_close(flat["p." + POSITION_KEY], torch.ones(64, 32) * torch.arange(32.0))
+    a, b = old.state_dict(), new.state_dict()
+    same = [k for k in a if "patch_embedding.weight" not in k and "position_embedding" not in k]
+    assert all(torch.equal(a[k], b[k]) for k in same)
+    odd = build_teacher(tiny_cfg(world, "unused", patch_size=6, image_size=60), tokenizer)
+    with pytest.raises(ValueError, match="cannot be split"):
+        init_weights(odd, first)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [True, "model"])
 def test_compiled_training_forward_gives_the_eager_losses(world, tmp_path, how):

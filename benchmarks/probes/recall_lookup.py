@@ -60,6 +60,8 @@ class Encoder:
     def train_item(self, turns, supervise: str) -> tuple[list[int], list[int]]:
         turns = [(self._num(q), self._num(a)) for q, a in turns]
         ids, labels = _tokenize_segments(self.chat.segments(to_messages(turns)), self.tok, None)
+        if supervise == "prompt":  # every token, the human turns' too: dense copy signal (session 11)
+            return ids, list(ids)
         if supervise == "final":  # keep only the last supervised run (the final ' answer<eos>')
             last = max(i for i, l in enumerate(labels) if l == IGNORE_INDEX)
             labels = [IGNORE_INDEX] * (last + 1) + labels[last + 1:]
@@ -149,7 +151,7 @@ def main() -> None:
     p.add_argument("--init", default="scratch", choices=["scratch", "teacher"])
     p.add_argument("--fillers", default="0-0", help="LO-HI or log; stages: '0-0:500,0-5' (steps per stage)")
     p.add_argument("--eval-fillers", default="", help="comma list of LO-HI sets to evaluate (default: last stage)")
-    p.add_argument("--supervise", default="all", choices=["all", "final"])
+    p.add_argument("--supervise", default="all", choices=["all", "final", "prompt"])
     p.add_argument("--numtok", default="digits", choices=["digits", "one"])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
