@@ -127,7 +127,8 @@ class TeacherConfig:
     # kernels and counts tokens; with one thread per core in each of several runs on one host, its small CPU ops
     # contend (session 10's profile: 3 ms for a `labels != -100` of a batch-512 step).
     host_threads: int = 4
-    init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer)
+    init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer); its
+    # patch size may be a multiple of this run's (the vision embeddings are resampled: `resample_patches`)
     seed: int = 0
     bf16: bool = True
     save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
