@@ -18,20 +18,38 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
 from matvlm.data.llava import IGNORE_INDEX, _tokenize_segments
-from matvlm.data.synth import _fam_recall, _Gen, _Retry, _World
+from matvlm.data.synth import (COLORS, RECALL_ACK, RECALL_MAX_FILLER_TURNS, RECALL_NOUNS, _Draft, _fam_recall, _Gen,
+                               _Retry, _simple_qa, _World)
 from matvlm.data.templates import get_template
 
 TEACHER = "matvlm/assets/teacher"
 _WORLD = _World.make(0, 128)
 
 
-def recall_record(split: str, index: int, n_filler: int | str) -> tuple[list[tuple[str, str]], list[int]]:
-    """One recall conversation made by the world's own synth._fam_recall, with n_filler filler turns ('log':
-    the world's log-uniform 0..96). Returns the turns and the fact values."""
+def _random_keys_recall(g: _Gen, n_filler: int | None) -> _Draft:
+    """_fam_recall's wording with 2-5 independent keys instead of near misses: matching the colour or the noun
+    alone is then usually enough (session 11: does partial matching give the look-up a gradient?)."""
+    rng = g.rng
+    objs = g.place(g.objects(rng.randint(5, 10)))
+    keys = rng.sample([(c, n) for c in COLORS for n in RECALL_NOUNS], rng.randint(2, 5))
+    values = rng.sample(range(100), len(keys))
+    facts = "".join(f" The key for the {c} {n} is {v}." for (c, n), v in zip(keys, values))
+    n_filler = round((RECALL_MAX_FILLER_TURNS + 1) ** rng.random()) - 1 if n_filler is None else n_filler
+    turns = [(g.ask("facts", facts=facts), RECALL_ACK)] + [_simple_qa(g, objs) for _ in range(n_filler)]
+    t = rng.randrange(len(keys))
+    turns.append((g.ask("recall", color=keys[t][0], noun=keys[t][1]), str(values[t])))
+    return _Draft(turns, objs, kind="recall")
+
+
+def recall_record(split: str, index: int, n_filler: int | str, keys: str = "near") -> tuple[list[tuple[str, str]], list[int]]:
+    """One recall conversation made by the world's own synth._fam_recall (keys 'near': near-miss keys, as in the
+    world; 'random': independent keys), with n_filler filler turns ('log': the world's log-uniform 0..96).
+    Returns the turns and the fact values."""
+    make = _fam_recall if keys == "near" else _random_keys_recall
     for attempt in range(50):
         g = _Gen(_WORLD, split, f"probe-recall:{index}:{attempt}", index)
         try:
-            draft = _fam_recall(g, None if n_filler == "log" else int(n_filler))
+            draft = make(g, None if n_filler == "log" else int(n_filler))
         except _Retry:
             continue
         values = [int(v) for v in re.findall(r" is (\d+)\.", draft.turns[0][0])]
@@ -163,6 +181,8 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=5.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-first", action="store_true")
+    p.add_argument("--keys", default="near", help="training keys: near (the world's near misses), random, or "
+                   "stages as for --fillers, e.g. 'random:1500,near'")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -174,13 +194,16 @@ def main() -> None:
     eval_specs = args.eval_fillers.split(",") if args.eval_fillers else [stages[-1][1]]
     erng = random.Random(12345)
     eval_sets = {}
-    for spec in eval_specs:
-        items = []
-        for i in range(args.eval_n):
-            turns, values = recall_record("test", 10**6 + i, draw_fillers(spec, erng))
-            ids, target = enc.eval_item(turns)
-            items.append((ids, target, values))
-        eval_sets[spec] = items
+    key_stages = parse_stages(args.keys)
+    eval_keys = ["near"] + (["random"] if any(k == "random" for _, k in key_stages) else [])
+    for kind in eval_keys:
+        for spec in eval_specs if kind == "near" else eval_specs[:1]:
+            items = []
+            for i in range(args.eval_n):
+                turns, values = recall_record("test", 10**6 + i, draw_fillers(spec, erng), kind)
+                ids, target = enc.eval_item(turns)
+                items.append((ids, target, values))
+            eval_sets[spec if kind == "near" else f"{spec} random keys"] = items
     # Chance of a random pick among the given numbers: the copy-only baseline.
     chance = {s: sum(1 / len(v) for _, _, v in items) / len(items) for s, items in eval_sets.items()}
 
@@ -197,14 +220,16 @@ def main() -> None:
     pool: list[tuple[list[int], list[int]]] = []
     t0, seen, counter, losses, tokens = time.time(), 0, 0, [], 0
     bounds = list(itertools_accumulate([n for n, _ in stages]))
+    key_bounds = list(itertools_accumulate([n for n, _ in key_stages]))
     for step in range(1, args.steps + 1):
         spec = next(s for (b, (_, s)) in zip(bounds, stages) if step <= b)
+        keys = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if step <= b)
         batch = []
         for _ in range(args.batch):
             if args.n_train and len(pool) >= args.n_train:
                 batch.append(pool[rng.randrange(args.n_train)])
                 continue
-            turns, _ = recall_record("train", counter, draw_fillers(spec, rng))
+            turns, _ = recall_record("train", counter, draw_fillers(spec, rng), keys)
             counter += 1
             item = enc.train_item(turns, args.supervise)
             if args.n_train:
@@ -227,7 +252,7 @@ def main() -> None:
                 ex, cp = evaluate(model, enc, items)
                 parts.append(f"fillers {s}: exact {ex:.3f} copy {cp:.3f}")
             mean = sum(losses[-args.eval_every:]) / len(losses[-args.eval_every:])
-            print(f"step {step} (fillers {spec}, {seen} records, {tokens / 1e6:.1f} M padded tokens) "
+            print(f"step {step} (fillers {spec}, keys {keys}, {seen} records, {tokens / 1e6:.1f} M padded tokens) "
                   f"loss {mean:.3f} | " + " | ".join(parts) + f" | {time.time() - t0:.0f}s", flush=True)
         if out_of_time:
             print(f"stopped by --max-minutes at step {step}", flush=True)
