@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import random
 import re
 import sys
@@ -147,8 +149,9 @@ def evaluate(model, enc: Encoder, items, batch: int = 64) -> tuple[float, float]
     exact = copy = 0
     for b in range(0, len(items), batch):
         chunk = items[b:b + batch]
-        x = pad([c[0] for c in chunk], 0, left=True)
-        mask = pad([[1] * len(c[0]) for c in chunk], 0, left=True)
+        device = next(model.parameters()).device
+        x = pad([c[0] for c in chunk], 0, left=True).to(device)
+        mask = pad([[1] * len(c[0]) for c in chunk], 0, left=True).to(device)
         out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False,
                              pad_token_id=0, eos_token_id=enc.tok.eos_token_id)
         for (ids, target, values), gen in zip(chunk, out[:, x.shape[1]:].tolist()):
@@ -181,6 +184,8 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=5.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-first", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    p.add_argument("--workers", type=int, default=0, help="processes that make the training records (0: this one)")
     p.add_argument("--keys", default="near", help="training keys: near (the world's near misses), random, or "
                    "stages as for --fillers, e.g. 'random:1500,near'")
     args = p.parse_args()
@@ -207,7 +212,7 @@ def main() -> None:
     # Chance of a random pick among the given numbers: the copy-only baseline.
     chance = {s: sum(1 / len(v) for _, _, v in items) / len(items) for s, items in eval_sets.items()}
 
-    model = build_model(args, len(enc.tok))
+    model = build_model(args, len(enc.tok)).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.init}/{args.arch} L{args.layers} d{args.hidden} h{args.heads} rot{args.rotary}: "
           f"{n_params / 1e6:.2f} M params; chance(pick a given number) {chance}", flush=True)
@@ -221,11 +226,23 @@ def main() -> None:
     t0, seen, counter, losses, tokens = time.time(), 0, 0, [], 0
     bounds = list(itertools_accumulate([n for n, _ in stages]))
     key_bounds = list(itertools_accumulate([n for n, _ in key_stages]))
+    made = None
+    if args.workers and args.n_train:
+        raise SystemExit("--workers makes fresh records: it cannot be combined with --n-train")
+    if args.workers:  # fresh records made ahead by a process pool, in order (a GPU step outruns one process)
+        def jobs():
+            for j in range(args.steps * args.batch):
+                st = j // args.batch + 1
+                yield (j, draw_fillers(next(s for (b, (_, s)) in zip(bounds, stages) if st <= b), rng),
+                       next(k for (b, (_, k)) in zip(key_bounds, key_stages) if st <= b), args.supervise)
+        pool_ctx = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (args.numtok,))
+        made = pool_ctx.imap(_make_item, jobs(), chunksize=16)
+    autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     for step in range(1, args.steps + 1):
         spec = next(s for (b, (_, s)) in zip(bounds, stages) if step <= b)
         keys = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if step <= b)
-        batch = []
-        for _ in range(args.batch):
+        batch = [next(made) for _ in range(args.batch)] if made is not None else []
+        for _ in range(args.batch if made is None else 0):
             if args.n_train and len(pool) >= args.n_train:
                 batch.append(pool[rng.randrange(args.n_train)])
                 continue
@@ -235,11 +252,12 @@ def main() -> None:
             if args.n_train:
                 pool.append(item)
             batch.append(item)
-        x = pad([b[0] for b in batch], 0)
-        y = pad([b[1] for b in batch], IGNORE_INDEX)
-        mask = pad([[1] * len(b[0]) for b in batch], 0)
+        x = pad([b[0] for b in batch], 0).to(args.device)
+        y = pad([b[1] for b in batch], IGNORE_INDEX).to(args.device)
+        mask = pad([[1] * len(b[0]) for b in batch], 0).to(args.device)
         tokens += x.numel()
-        loss = answer_loss(model, x, mask, y)
+        with autocast:
+            loss = answer_loss(model, x, mask, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
@@ -257,6 +275,20 @@ def main() -> None:
         if out_of_time:
             print(f"stopped by --max-minutes at step {step}", flush=True)
             break
+
+
+_ENC: Encoder | None = None
+
+
+def _init_worker(numtok: str) -> None:
+    global _ENC
+    _ENC = Encoder(numtok)
+
+
+def _make_item(job) -> tuple[list[int], list[int]]:
+    index, n_filler, keys, supervise = job
+    turns, _ = recall_record("train", index, n_filler, keys)
+    return _ENC.train_item(turns, supervise)
 
 
 def answer_loss(model, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
