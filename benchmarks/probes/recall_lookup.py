@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import multiprocessing
 import random
@@ -212,6 +213,22 @@ def main() -> None:
     # Chance of a random pick among the given numbers: the copy-only baseline.
     chance = {s: sum(1 / len(v) for _, _, v in items) / len(items) for s, items in eval_sets.items()}
 
+    bounds = list(itertools_accumulate([n for n, _ in stages]))
+    key_bounds = list(itertools_accumulate([n for n, _ in key_stages]))
+
+    def step_jobs(st: int) -> list[tuple]:  # drawn in step order: the records one process would make
+        spec_ = next(s for (b, (_, s)) in zip(bounds, stages) if st <= b)
+        keys_ = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if st <= b)
+        return [(j, draw_fillers(spec_, rng), keys_, args.supervise) for j in range((st - 1) * args.batch, st * args.batch)]
+
+    if args.workers and args.n_train:
+        raise SystemExit("--workers makes fresh records: it cannot be combined with --n-train")
+    # Fresh records made ahead by a process pool (a GPU step outruns one process), at most 16 steps ahead so
+    # that memory stays bounded; forked before the model touches the GPU.
+    workers = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (args.numtok,)) if args.workers else None
+    ahead = collections.deque(workers.map_async(_make_item, step_jobs(st), chunksize=8)
+                              for st in range(1, min(args.steps, 16) + 1)) if workers else None
+
     model = build_model(args, len(enc.tok)).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.init}/{args.arch} L{args.layers} d{args.hidden} h{args.heads} rot{args.rotary}: "
@@ -224,25 +241,16 @@ def main() -> None:
                                        for s, it in eval_sets.items()), flush=True)
     pool: list[tuple[list[int], list[int]]] = []
     t0, seen, counter, losses, tokens = time.time(), 0, 0, [], 0
-    bounds = list(itertools_accumulate([n for n, _ in stages]))
-    key_bounds = list(itertools_accumulate([n for n, _ in key_stages]))
-    made = None
-    if args.workers and args.n_train:
-        raise SystemExit("--workers makes fresh records: it cannot be combined with --n-train")
-    if args.workers:  # fresh records made ahead by a process pool, in order (a GPU step outruns one process)
-        def jobs():
-            for j in range(args.steps * args.batch):
-                st = j // args.batch + 1
-                yield (j, draw_fillers(next(s for (b, (_, s)) in zip(bounds, stages) if st <= b), rng),
-                       next(k for (b, (_, k)) in zip(key_bounds, key_stages) if st <= b), args.supervise)
-        pool_ctx = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (args.numtok,))
-        made = pool_ctx.imap(_make_item, jobs(), chunksize=16)
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     for step in range(1, args.steps + 1):
         spec = next(s for (b, (_, s)) in zip(bounds, stages) if step <= b)
         keys = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if step <= b)
-        batch = [next(made) for _ in range(args.batch)] if made is not None else []
-        for _ in range(args.batch if made is None else 0):
+        batch = []
+        if ahead is not None:
+            batch = ahead.popleft().get()
+            if step + 16 <= args.steps:
+                ahead.append(workers.map_async(_make_item, step_jobs(step + 16), chunksize=8))
+        for _ in range(args.batch if ahead is None else 0):
             if args.n_train and len(pool) >= args.n_train:
                 batch.append(pool[rng.randrange(args.n_train)])
                 continue
