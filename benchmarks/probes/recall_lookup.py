@@ -131,6 +131,11 @@ def parse_stages(spec: str) -> list[tuple[int, str]]:
     return out
 
 
+def stage_at(bounds: list[int], stages: list[tuple[int, str]], step: int) -> str:
+    """The spec of the stage that `step` falls in (bounds: the stages' cumulative step counts)."""
+    return next(spec for bound, (_, spec) in zip(bounds, stages) if step <= bound)
+
+
 def draw_fillers(spec: str, rng: random.Random) -> int | str:
     if spec == "log":
         return "log"
@@ -217,8 +222,7 @@ def main() -> None:
     key_bounds = list(itertools_accumulate([n for n, _ in key_stages]))
 
     def step_jobs(st: int) -> list[tuple]:  # drawn in step order: the records one process would make
-        spec_ = next(s for (b, (_, s)) in zip(bounds, stages) if st <= b)
-        keys_ = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if st <= b)
+        spec_, keys_ = stage_at(bounds, stages, st), stage_at(key_bounds, key_stages, st)
         return [(j, draw_fillers(spec_, rng), keys_, args.supervise) for j in range((st - 1) * args.batch, st * args.batch)]
 
     if args.workers and args.n_train:
@@ -243,8 +247,7 @@ def main() -> None:
     t0, seen, counter, losses, tokens = time.time(), 0, 0, [], 0
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     for step in range(1, args.steps + 1):
-        spec = next(s for (b, (_, s)) in zip(bounds, stages) if step <= b)
-        keys = next(k for (b, (_, k)) in zip(key_bounds, key_stages) if step <= b)
+        spec, keys = stage_at(bounds, stages, step), stage_at(key_bounds, key_stages, step)
         batch = []
         if ahead is not None:
             batch = ahead.popleft().get()

@@ -9,6 +9,7 @@ one word count per record (for length-grouped batches).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Sequence
@@ -84,15 +85,10 @@ class GeneratedRecords(Sequence):
         bar = tqdm(total=sum(b - a for *_, a, b in jobs), desc="sizing generated records", disable=not self.progress,
                    unit="rec")
         blocks: list[list[int]] = []
-        if self.workers > 1:
-            with ProcessPoolExecutor(self.workers) as pool:
-                for block in pool.map(_block_words, jobs):
-                    blocks.append(block)
-                    bar.update(len(block))
-        else:
-            for job in jobs:
-                blocks.append(_block_words(job))
-                bar.update(len(blocks[-1]))
+        with ProcessPoolExecutor(self.workers) if self.workers > 1 else contextlib.nullcontext() as pool:
+            for block in (pool.map if pool else map)(_block_words, jobs):
+                blocks.append(block)
+                bar.update(len(block))
         bar.close()
         return blocks
 
