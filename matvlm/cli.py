@@ -237,6 +237,7 @@ def distill(
     `accelerate launch -m matvlm.cli distill ...`."""
     from matvlm.distill import DistillConfig
     from matvlm.distill import distill as run_distill
+    from matvlm.distill import end_process_group
 
     overrides = dict(
         teacher=teacher and str(teacher), out=out and str(out), data=data and str(data),
@@ -255,6 +256,7 @@ def distill(
         summary = run_distill(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         fail(str(err))
+    end_process_group()
     console.print(f"distilled {summary['steps']} steps in {summary['train_seconds']:.0f} s; hybrid in {cfg.out}")
     if "heldout" in summary:
         from matvlm.eval.report import results_table

@@ -22,7 +22,7 @@ RUNS_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 import matvlm.distill.trainer as trainer
-from matvlm.distill import DistillConfig, distill
+from matvlm.distill import DistillConfig, distill, end_process_group
 from matvlm.training import micro_batches
 
 splits = [0]  # steps where a rank split its micro-batches to match the other rank's count
@@ -44,6 +44,7 @@ for run in json.loads(sys.argv[1]):
         history = [row[:6] for row in summary["history"]]
         print("HISTORY", run["name"], dist.get_world_size(), int(total), json.dumps(history), flush=True)
         print("HELDOUT", run["name"], json.dumps(summary.get("heldout")), flush=True)
+end_process_group()  # gloo's threads outliving the interpreter abort the process at exit
 """
 
 
