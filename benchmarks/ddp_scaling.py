@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from matvlm import kernels
 from matvlm.bench.common import build_teacher
 from matvlm.convert import to_hybrid
-from matvlm.distill import Distiller, LossSettings
+from matvlm.distill import Distiller, LossSettings, end_process_group
 
 SEED = 0
 
@@ -194,6 +194,7 @@ def main() -> None:
         compare(*args.compare, args.out)
     else:
         run(args)
+        end_process_group()
 
 
 if __name__ == "__main__":

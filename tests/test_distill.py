@@ -261,13 +261,14 @@ def test_corrupt_checkpoint_on_resume_is_reported(tiny_teacher, tmp_path):
 
 DDP_SCRIPT = """
 import json, sys
-from matvlm.distill import DistillConfig, distill
+from matvlm.distill import DistillConfig, distill, end_process_group
 cfg = DistillConfig(**json.loads(sys.argv[1]))
 summary = distill(cfg, progress=False)
 import torch.distributed as dist
 if not dist.is_initialized() or dist.get_rank() == 0:  # one writer: lines of two processes interleave
     print("PROCESSES", dist.get_world_size() if dist.is_initialized() else 1, flush=True)
     print("HISTORY", json.dumps([row[:5] for row in summary["history"]]), flush=True)
+end_process_group()  # gloo's threads outliving the interpreter abort the process at exit
 """
 
 

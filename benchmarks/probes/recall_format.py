@@ -1,0 +1,222 @@
+# Usage (from the repository root): PYTHONPATH=benchmarks/probes python benchmarks/probes/recall_format.py
+#   --format FORMAT [options]   (findings: recall_format.log beside this file)
+# Which part of the world's recall wording stops a small LM from learning the key look-up? recall_lookup.py
+# found a 2-layer d64 Phi copying a stated number 100% of the time while picking the right one at chance for
+# 13,000 steps. This probe keeps the same facts, keys and values (recall_lookup.recall_record: the world's
+# near-miss keys, 0 filler turns) and the same tokenizer and model, and changes only the wording around them:
+#   bare      "orange door 17 orange gate 62 purple gate 35 ? purple gate" -> 35  (associative-recall style)
+#   sentence  "The key for the orange door is 17. ... What is the key for the purple gate?" -> 35  (no chat)
+#   chat      the world's record through the phi_short template, as recall_lookup.py trains it
+#   chatmq    chat asking for every key in turn (one question a turn, every answer supervised)
+#   word      chat with one-word keys: 2-5 distinct nouns ("The key for the gate is 62."), one question
+#   wordmq    word with every key asked in turn
+#   tail      chat with the key repeated right before the answer: "... ASSISTANT: purple gate" -> 35
+#   single    sanity check, one-word keys: 2-5 distinct nouns, "door 17 gate 62 safe 35 ? gate" -> 62
+#   mqar      4-12 random colour-noun keys in bare form, then every key asked, each answer supervised
+# Only the number tokens are supervised and scored (teacher-forced argmax at the answer positions), so all
+# formats are compared on the same quantities: exact (the right number; `first`: on each record's first
+# question only) and copy (one of the stated numbers).
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+
+import torch
+
+from matvlm.data.synth import COLORS, RECALL_ACK, RECALL_NOUNS
+from recall_lookup import Encoder, build_model, itertools_accumulate, pad, parse_stages, recall_record, stage_at
+
+FACT = re.compile(r"The key for the (\w+) (\w+) is (\d+)\.")
+QUERY = re.compile(r"the (\w+) (\w+)\?$")
+FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "single", "mqar", "word", "wordmq"]
+
+
+def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
+    """-> (ids, positions of the supervised number tokens, ids of the stated numbers)."""
+    if fmt in ("single", "mqar"):
+        return _synthetic(enc, fmt, random.Random(f"{split}:{index}"))
+    if fmt in ("word", "wordmq"):
+        return _one_word_chat(enc, fmt == "wordmq", random.Random(f"{split}:{index}"))
+    turns, values = recall_record(split, index, 0, "near")
+    facts = FACT.findall(turns[0][0])
+    color, noun = QUERY.search(turns[-1][0]).groups()
+    answer = turns[-1][1]
+
+    def ids(text: str) -> list[int]:
+        return enc.tok.encode(text, add_special_tokens=False)
+
+    if fmt == "bare":
+        prompt = ids(" " + " ".join(f"{c} {n} {v}" for c, n, v in facts) + f" ? {color} {noun}") + ids(" ")
+    elif fmt == "sentence":
+        prompt = ids(turns[0][0] + " " + turns[-1][0]) + ids(" ")
+    elif fmt == "chatmq":  # the world's record asking for every key, one turn each, all answers supervised
+        order = [facts[i] for i in _asked(random.Random(f"{split}:{index}:order"), len(facts), len(facts))]
+        turns = turns[:1] + [(f"What is the key for the {c} {n}?", v) for c, n, v in order]
+        seq, labels = enc.train_item(turns, "all")
+        nums = [_num(enc, v) for v in values]
+        return seq, [i for i, (t, l) in enumerate(zip(seq, labels)) if l == t and t in nums], nums
+    elif fmt in ("chat", "tail"):
+        full, _ = enc.train_item(turns, "final")  # ends "... ASSISTANT: Ġ 35 <eos>"
+        prompt = full[:-2]
+        if fmt == "tail":
+            prompt = prompt[:-1] + ids(f" {color} {noun}") + ids(" ")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    seq = prompt + [_num(enc, answer)]
+    return seq, [len(seq) - 1], [_num(enc, v) for v in values]
+
+
+QUERY_ORDER = ["perm"]  # set by --queries
+
+
+def _asked(rng: random.Random, n: int, k: int) -> list[int]:
+    """Which of n keys k questions ask for: 'perm' asks each once (later answers can then be found by
+    elimination), 'draw' draws with replacement (no elimination)."""
+    if QUERY_ORDER[0] == "perm":
+        return rng.sample(range(n), k)
+    return [rng.randrange(n) for _ in range(k)]
+
+
+def _num(enc: Encoder, v) -> int:  # the tokenizer keeps the space apart: " 35" -> ["Ġ", "35"]
+    return enc.tok.encode(f" {v}", add_special_tokens=False)[-1]
+
+
+def _synthetic(enc: Encoder, fmt: str, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """single: 2-5 one-noun keys and one query. mqar: 4-12 colour-noun keys, then every key queried in a
+    random order, each answer supervised (dense supervision, as in associative-recall benchmarks)."""
+    if fmt == "single":
+        keys = [(n,) for n in rng.sample(RECALL_NOUNS, rng.randint(2, 5))]
+        queries = [rng.randrange(len(keys))]
+    else:
+        keys = rng.sample([(c, n) for c in COLORS for n in RECALL_NOUNS], rng.randint(4, 12))
+        queries = _asked(rng, len(keys), len(keys))
+    values = rng.sample(range(100), len(keys))
+    seq = enc.tok.encode(" " + " ".join(f"{' '.join(k)} {v}" for k, v in zip(keys, values)) + " ?",
+                         add_special_tokens=False)
+    positions = []
+    for q in queries:
+        seq += enc.tok.encode(f" {' '.join(keys[q])} {values[q]}", add_special_tokens=False)
+        positions.append(len(seq) - 1)
+    return seq, positions, [_num(enc, v) for v in values]
+
+
+def _one_word_chat(enc: Encoder, every_key: bool, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """The world's chat wording with one-word keys (2-5 distinct nouns, no near misses); one question, or
+    every key asked in turn."""
+    nouns = rng.sample(RECALL_NOUNS, rng.randint(2, 5))
+    values = rng.sample(range(100), len(nouns))
+    facts = "".join(f" The key for the {n} is {v}." for n, v in zip(nouns, values))
+    asked = _asked(rng, len(nouns), len(nouns)) if every_key else [rng.randrange(len(nouns))]
+    turns = [("Remember these facts." + facts, RECALL_ACK)]
+    turns += [(f"What is the key for the {nouns[q]}?", str(values[q])) for q in asked]
+    seq, labels = enc.train_item(turns, "all")
+    nums = [_num(enc, v) for v in values]
+    return seq, [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t and t in nums], nums
+
+
+def batch_tensors(items, device: str):
+    x = pad([s for s, _, _ in items], 0).to(device)
+    mask = pad([[1] * len(s) for s, _, _ in items], 0).to(device)
+    rows = torch.tensor([r for r, (_, ps, _) in enumerate(items) for _ in ps], device=device)
+    pos = torch.tensor([p for _, ps, _ in items for p in ps], device=device)
+    return x, mask, rows, pos
+
+
+def answer_logits(model, x, mask, rows, pos):
+    h = model.model(input_ids=x, attention_mask=mask).last_hidden_state
+    return model.lm_head(h[rows, pos - 1]).float()  # the positions that predict the numbers
+
+
+@torch.no_grad()
+def evaluate(model, items, device: str) -> tuple[float, float, float]:
+    """Exact over every supervised number, exact over each record's first question only, and copy (one of
+    the stated numbers), by teacher-forced argmax. A record asking for every key can be partly answered by
+    elimination (the last question's answer is the one number not yet given: H_k / k of them right for
+    k keys, ~0.58 for 2-5 keys); its first question cannot."""
+    model.eval()
+    x, mask, rows, pos = batch_tensors(items, device)
+    pred = answer_logits(model, x, mask, rows, pos).argmax(-1).tolist()
+    target = x[rows, pos].tolist()
+    rows = rows.tolist()
+    first = [i == 0 or rows[i - 1] != r for i, r in enumerate(rows)]
+    right = [p == t for p, t in zip(pred, target)]
+    model.train()
+    return (sum(right) / len(right), sum(r for r, f in zip(right, first) if f) / sum(first),
+            sum(p in items[r][2] for p, r in zip(pred, rows)) / len(pred))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--format", required=True, help=f"one of {FORMATS}, a mix ('mqar+chat') or stages, e.g. 'mqar:2000,chat'")
+    p.add_argument("--queries", default="perm", choices=["perm", "draw"],
+                   help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
+    p.add_argument("--eval-formats", default="chat", help="comma list evaluated besides the training formats")
+    p.add_argument("--arch", default="phi", choices=["phi", "llama"])
+    p.add_argument("--init", default="scratch")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--rotary", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--max-minutes", type=float, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    QUERY_ORDER[0] = args.queries
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    print("args:", " ".join(sys.argv[1:]), flush=True)
+    stages = parse_stages(args.format)
+    bounds = itertools_accumulate([n for n, _ in stages])
+    trained = [f for _, spec in stages for f in spec.split("+")]
+    names = list(dict.fromkeys(trained + [f for f in args.eval_formats.split(",") if f]))
+    if unknown := set(names) - set(FORMATS):
+        raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {FORMATS}")
+    enc = Encoder("digits")
+    evals = {f: [encode(enc, f, 10**6 + i, "test") for i in range(args.eval_n)] for f in names}
+    for f, items in evals.items():
+        chance = sum(len(ps) / len(n) for _, ps, n in items) / sum(len(ps) for _, ps, _ in items)
+        first = sum(1 / len(n) for _, _, n in items) / len(items)
+        example = enc.tok.convert_ids_to_tokens(items[0][0])
+        print(f"{f}: chance (pick a stated number) {chance:.3f}, first question {first:.3f}; example ({len(example)} tokens): "
+              f"{' '.join(example)}", flush=True)
+    model = build_model(args, len(enc.tok)).to(args.device)
+    print(f"model L{args.layers} d{args.hidden} h{args.heads}: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M "
+          "params", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    t0, losses, counter = time.time(), [], 0
+    rng = random.Random(args.seed)
+    for step in range(1, args.steps + 1):
+        fmt = stage_at(bounds, stages, step)
+        mix = fmt.split("+")  # 'mqar+chat': each record in one of the formats, drawn uniformly
+        items = [encode(enc, rng.choice(mix), rng.randrange(10**9), "train") for _ in range(args.batch)]
+        counter += args.batch
+        x, mask, rows, pos = batch_tensors(items, args.device)
+        loss = torch.nn.functional.cross_entropy(answer_logits(model, x, mask, rows, pos), x[rows, pos])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        out_of_time = time.time() - t0 > args.max_minutes * 60
+        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+            recent = losses[-args.eval_every:]
+            parts = " | ".join("%s: exact %.3f first %.3f copy %.3f" % (f, *evaluate(model, items, args.device))
+                               for f, items in evals.items())
+            print(f"step {step} ({fmt}, {counter} records) loss {sum(recent) / len(recent):.3f} | {parts} | "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        if out_of_time:
+            print(f"stopped by --max-minutes at step {step}", flush=True)
+            break
+
+
+if __name__ == "__main__":
+    main()
