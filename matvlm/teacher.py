@@ -37,7 +37,7 @@ from .data.llava import (
     record_words,
     warn_truncated_answers,
 )
-from .data.tokenizer import train_tokenizer
+from .data.tokenizer import keeps_number_space, train_tokenizer
 from .data.where import where_records
 from .eval.report import write_json_atomic
 from .eval.runner import MODEL_INFO_FILE, evaluate
@@ -69,6 +69,10 @@ class TeacherConfig:
     vocab_size: int = 2048
     digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
     all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
+    # tokenizer: a number keeps its leading space (" 35" -> "Ġ35") so that copying it is a plain induction step
+    # (train_tokenizer). From an init_from teacher whose tokenizer differs, a new one is trained and the
+    # embeddings are carried over (transfer_vocab).
+    number_space: bool = False
     # N one-object, N several-object and N listing records made for training only (families "where1", "where",
     # "where_list"; matvlm/data/where.py), with 2..where_max_objects objects in the several-object scenes
     where_records: int = 0
@@ -230,12 +234,40 @@ def resample_patches(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tens
     return changed
 
 
-def init_weights(model: LlavaForConditionalGeneration, source: str | Path) -> None:
+VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def transfer_vocab(tensors: dict[str, torch.Tensor], old: PreTrainedTokenizerBase, new: PreTrainedTokenizerBase) -> list[str]:
+    """Fit the token embeddings and output rows of a model with tokenizer `old` to tokenizer `new`, in place;
+    returns the keys changed. A token both vocabularies hold keeps its row; any other gets the mean of the
+    rows of the old tokens its text encodes to ("Ġ35" <- mean("Ġ", "35")), a common start for a new vocabulary."""
+    old_vocab = old.get_vocab()
+    pieces: list[list[int]] = [[] for _ in range(len(new))]
+    for token, j in new.get_vocab().items():
+        pieces[j] = [old_vocab[token]] if token in old_vocab else old.encode(
+            new.convert_tokens_to_string([token]), add_special_tokens=False)
+    if empty := [new.convert_ids_to_tokens(j) for j, p in enumerate(pieces) if not p]:
+        raise ValueError(f"init_from: the old tokenizer cannot encode the new tokens {empty[:5]}")
+    changed = []
+    for key, value in tensors.items():
+        if key.endswith(VOCAB_KEYS) and value.shape[0] == len(old):
+            tensors[key] = torch.stack([value[p].mean(0) for p in pieces])
+            changed.append(key)
+    return changed
+
+
+def init_weights(model: LlavaForConditionalGeneration, source: str | Path,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Start from another teacher's weights (e.g. the shipped one, to train it further). A teacher of larger
-    patches (a multiple of this one's) also fits: see `resample_patches`."""
+    patches (a multiple of this one's) also fits: see `resample_patches`; so does one of another tokenizer
+    than `tokenizer` (this run's): see `transfer_vocab`."""
     # from_pretrained maps the saved key layout onto the current one.
     tensors = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).state_dict()
     own = model.state_dict()
+    if tokenizer is not None:
+        old = AutoTokenizer.from_pretrained(source)
+        if old.get_vocab() != tokenizer.get_vocab():
+            transfer_vocab(tensors, old, tokenizer)
     resample_patches(tensors, own)
     bad = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -348,14 +380,15 @@ def process_group() -> tuple[int, int, torch.device]:
 
 
 def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: the one saved in the run folder, else init_from's, else one trained on `texts()`."""
+    """The run's tokenizer: the one saved in the run folder, else init_from's (when it treats numbers as this
+    run asks), else one trained on `texts()`."""
     if (tok_dir / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(tok_dir)
-    if cfg.init_from:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
-    else:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.init_from) if cfg.init_from else None
+    if tokenizer is None or keeps_number_space(tokenizer) != cfg.number_space:
         tokenizer = train_tokenizer(conversation_texts(texts()), vocab_size=cfg.vocab_size, template=cfg.template,
-                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups)
+                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups,
+                                    number_space=cfg.number_space)
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
@@ -435,7 +468,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; resume it, or delete that folder to start over")
     if cfg.init_from and not checkpoints:
-        init_weights(model, cfg.init_from)
+        init_weights(model, cfg.init_from, tokenizer)
     if checkpoints:
         check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
         tensors, state, meta = load_checkpoint(checkpoints[-1])

@@ -569,6 +569,25 @@ def test_numbers_are_cut_into_groups_of_digits():
         train_tokenizer(texts, digit_group=0)
 
 
+def test_number_space_keeps_the_space_in_the_number_token():
+    """With number_space, " 42" is one token "Ġ42" (a copied number then follows its key directly, the plain
+    induction pattern); without it a lone "Ġ" precedes every number. Numbers not after a space are unchanged."""
+    from matvlm.data.tokenizer import keeps_number_space
+
+    texts = [f"the key for the red door is {n} . code a{n}" for n in range(100)] * 5
+    lone = train_tokenizer(texts, vocab_size=600, template="phi_short")
+    kept = train_tokenizer(texts, vocab_size=600, template="phi_short", number_space=True)
+    assert lone.tokenize(" 42") == ["Ġ", "42"] and kept.tokenize(" 42") == ["Ġ42"]
+    assert kept.tokenize("a42") == ["a", "42"] and kept.tokenize("\n42") == ["Ċ", "42"]
+    assert len(kept.tokenize(" 1234567")) >= 3 and kept.tokenize(" 1234567")[0].startswith("Ġ")
+    assert not keeps_number_space(lone) and keeps_number_space(kept)
+    for text in ("is 42 .", "code 1234567 and 7", " 0 00 000"):
+        assert kept.decode(kept(text)["input_ids"]) == text
+    full = train_tokenizer(texts[:5], vocab_size=800, template="phi_short", digit_group=2, all_digit_groups=True,
+                           number_space=True)
+    assert all(full.tokenize(f" {n}") == [f"Ġ{n}"] for n in range(100)) and full.tokenize(" 07") == ["Ġ07"]
+
+
 def test_all_digit_groups_split_every_number_the_same_way():
     # Few numbers in the corpus: plain BPE leaves most two-digit groups as two tokens, so "58" is one token in one
     # number and two in another; all_digit_groups makes each of 00..99 one token, cut left to right.

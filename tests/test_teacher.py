@@ -196,6 +196,35 @@ def test_init_from_an_existing_teacher(world, tmp_path):
         train_teacher(tiny_cfg(world, tmp_path / "none", init_from=str(tmp_path)), progress=False)
 
 
+def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(world, tmp_path):
+    """number_space from a teacher without it: a new tokenizer is trained; a token both vocabularies hold keeps
+    its rows, a new one ("Ġ3") starts from the mean of the old tokens of its text ("Ġ", "3")."""
+    from matvlm.data.tokenizer import keeps_number_space
+    from matvlm.teacher import transfer_vocab
+
+    first = tmp_path / "first"
+    train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
+    again = tmp_path / "again"
+    # digit_group 1 + all_digit_groups: "Ġ0".."Ġ9" are tokens whatever BPE learns from the tiny world
+    train_teacher(tiny_cfg(world, again, steps=2, init_from=str(first), number_space=True, digit_group=1,
+                           all_digit_groups=True, lr=0.0, save_dtype="float32"), progress=False)
+    old_tok, new_tok = AutoTokenizer.from_pretrained(first), AutoTokenizer.from_pretrained(again)
+    assert not keeps_number_space(old_tok) and keeps_number_space(new_tok)
+    old, new = (LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32) for d in (first, again))
+    old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
+    spaced = [t for t in new_vocab if t.startswith("Ġ") and t[1:].isdigit() and t not in old_vocab]
+    assert sorted(spaced) == [f"Ġ{d}" for d in range(10)]
+    for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.lm_head.weight):
+        w_old, w_new = get(old).detach(), get(new).detach()
+        for token in ("Ġthe", "<image>", old_tok.eos_token):
+            torch.testing.assert_close(w_new[new_vocab[token]], w_old[old_vocab[token]])
+        parts = old_tok.encode(new_tok.convert_tokens_to_string([spaced[0]]), add_special_tokens=False)
+        assert len(parts) >= 2 and old_tok.convert_ids_to_tokens(parts[0]) == "Ġ"
+        torch.testing.assert_close(w_new[new_vocab[spaced[0]]], w_old[parts].mean(0))
+    tensors = {"lm_head.weight": torch.zeros(len(old_tok), 4), "other.weight": torch.zeros(len(old_tok), 4)}
+    assert transfer_vocab(tensors, old_tok, new_tok) == ["lm_head.weight"]
+
+
 def test_init_from_larger_patches_sees_a_zoomed_image(world, tmp_path):
     """A patch-8 teacher from a patch-16 one: its patch embedding of an image is the old one's of that image
     enlarged twice (nearest), the position table is resized to the finer grid, and all else is copied."""

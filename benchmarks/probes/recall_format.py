@@ -12,6 +12,7 @@
 #   wordmq    word with every key asked in turn
 #   tail      chat with the key repeated right before the answer: "... ASSISTANT: purple gate" -> 35
 #   single    sanity check, one-word keys: 2-5 distinct nouns, "door 17 gate 62 safe 35 ? gate" -> 62
+#   repeat    8-24 random words said twice, the second copy supervised (forms induction heads; no look-up)
 #   mqar      4-12 random colour-noun keys in bare form, then every key asked, each answer supervised
 # Only the number tokens are supervised and scored (teacher-forced argmax at the answer positions), so all
 # formats are compared on the same quantities: exact (the right number; `first`: on each record's first
@@ -31,13 +32,20 @@ from recall_lookup import Encoder, build_model, itertools_accumulate, pad, parse
 
 FACT = re.compile(r"The key for the (\w+) (\w+) is (\d+)\.")
 QUERY = re.compile(r"the (\w+) (\w+)\?$")
-FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "single", "mqar", "word", "wordmq"]
+FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "single", "mqar", "word", "wordmq", "repeat"]
 
 
 def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
     """-> (ids, positions of the supervised number tokens, ids of the stated numbers)."""
+    item = _encode(enc, fmt, index, split)
+    return drop_number_spaces(enc, item) if DROP_SPACE[0] else item
+
+
+def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
     if fmt in ("single", "mqar"):
         return _synthetic(enc, fmt, random.Random(f"{split}:{index}"))
+    if fmt == "repeat":
+        return _repeat(enc, random.Random(f"{split}:{index}"))
     if fmt in ("word", "wordmq"):
         return _one_word_chat(enc, fmt == "wordmq", random.Random(f"{split}:{index}"))
     turns, values = recall_record(split, index, 0, "near")
@@ -70,6 +78,18 @@ def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], l
 
 
 QUERY_ORDER = ["perm"]  # set by --queries
+DROP_SPACE = [False]  # set by --drop-space
+
+
+def drop_number_spaces(enc: Encoder, item: tuple[list[int], list[int], list[int]]):
+    """Remove the lone space token the tokenizer puts before every number (" 35" -> "Ġ", "35"), so that a
+    number follows its key directly, as " 35" -> "Ġ35" would in a GPT-2-style tokenizer."""
+    seq, positions, nums = item
+    space = enc.tok.encode(" ", add_special_tokens=False)[-1]
+    numbers = {_num(enc, v) for v in range(100)}
+    keep = [i for i, t in enumerate(seq) if not (t == space and i + 1 < len(seq) and seq[i + 1] in numbers)]
+    new_index = {old: new for new, old in enumerate(keep)}
+    return [seq[i] for i in keep], [new_index[p] for p in positions if p in new_index], nums
 
 
 def _asked(rng: random.Random, n: int, k: int) -> list[int]:
@@ -101,6 +121,16 @@ def _synthetic(enc: Encoder, fmt: str, rng: random.Random) -> tuple[list[int], l
         seq += enc.tok.encode(f" {' '.join(keys[q])} {values[q]}", add_special_tokens=False)
         positions.append(len(seq) - 1)
     return seq, positions, [_num(enc, v) for v in values]
+
+
+def _repeat(enc: Encoder, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """8-24 random words (colours, nouns, numbers) said twice; every word of the second copy after its first
+    is supervised. The dense, shortcut-free signal that forms induction heads in small LMs."""
+    vocab = list(COLORS) + list(RECALL_NOUNS) + [str(v) for v in range(100)]
+    once = enc.tok.encode(" " + " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 24))), add_special_tokens=False)
+    seq = once + once
+    space = enc.tok.encode(" ", add_special_tokens=False)[-1]  # numbers come as "Ġ", "35": score the words only
+    return seq, [i for i in range(len(once) + 1, len(seq)) if seq[i] != space], sorted(set(once))
 
 
 def _one_word_chat(enc: Encoder, every_key: bool, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
@@ -153,6 +183,7 @@ def main() -> None:
     p.add_argument("--format", required=True, help=f"one of {FORMATS}, a mix ('mqar+chat') or stages, e.g. 'mqar:2000,chat'")
     p.add_argument("--queries", default="perm", choices=["perm", "draw"],
                    help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
+    p.add_argument("--drop-space", action="store_true", help="remove the lone space token before every number")
     p.add_argument("--eval-formats", default="chat", help="comma list evaluated besides the training formats")
     p.add_argument("--arch", default="phi", choices=["phi", "llama"])
     p.add_argument("--init", default="scratch")
@@ -171,6 +202,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     QUERY_ORDER[0] = args.queries
+    DROP_SPACE[0] = args.drop_space
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     print("args:", " ".join(sys.argv[1:]), flush=True)

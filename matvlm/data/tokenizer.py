@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .templates import IMAGE_TOKEN, ChatTemplate, get_template
 
-__all__ = ["TokenizerError", "train_tokenizer", "check_tokenizer"]
+__all__ = ["TokenizerError", "train_tokenizer", "check_tokenizer", "keeps_number_space"]
 
 
 class TokenizerError(ValueError):
@@ -33,6 +33,7 @@ def train_tokenizer(
     model_max_length: int | None = None,
     digit_group: int = 3,
     all_digit_groups: bool = False,
+    number_space: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` (offline) and wrap it for transformers.
 
@@ -44,6 +45,12 @@ def train_tokenizer(
     further by BPE ("158" -> "15" "8"), so the same digits get different tokens in different numbers;
     ``all_digit_groups`` makes every string of 1 to ``digit_group`` digits one token (as Llama 3's vocabulary
     holds all 1,000 three-digit groups), which costs 10**2 + ... + 10**digit_group vocabulary entries.
+
+    ``number_space`` keeps the space before a number in the number's first token (" 35" -> "Ġ35", as GPT-2's
+    tokenizer does) instead of a lone "Ġ" token before it. With the lone space, copying a number from the
+    context is no longer the plain induction step (find the earlier place where the current token occurs,
+    copy the token after it): every number follows the same "Ġ". Small LMs then copy *a* stated number but
+    never learn which (benchmarks/probes/recall_format.log); with the space kept they learn the look-up.
     """
     if digit_group < 1:
         raise ValueError(f"digit_group must be >= 1, got {digit_group}")
@@ -57,6 +64,8 @@ def train_tokenizer(
         )
 
     groups = [f"{n:0{k}d}" for k in range(2, digit_group + 1) for n in range(10 ** k)] if all_digit_groups else []
+    if all_digit_groups and number_space:  # "Ġ" is the byte-level form of the space
+        groups += ["Ġ" + g for g in [str(d) for d in range(10)] + groups]
     if len(groups) > vocab_size - len(alphabet) - len(specials):
         raise ValueError(f"all_digit_groups with digit_group={digit_group} needs {len(groups)} tokens besides the byte "
                          f"alphabet and special tokens; vocab_size={vocab_size} leaves "
@@ -65,7 +74,7 @@ def train_tokenizer(
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(rf"\d{{1,{digit_group}}}"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(rf"{' ?' if number_space else ''}\d{{1,{digit_group}}}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
@@ -96,6 +105,14 @@ def train_tokenizer(
     )
     check_tokenizer(tokenizer, image_token=image_token)
     return tokenizer
+
+
+def keeps_number_space(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `tokenizer` pre-tokenizes " 5" as one piece (see `train_tokenizer`'s number_space)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return False
+    return len(backend.pre_tokenizer.pre_tokenize_str(" 5")) == 1
 
 
 def _with_digit_groups(bpe: Tokenizer, groups: list[str]) -> Tokenizer:
