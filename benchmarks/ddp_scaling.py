@@ -36,7 +36,8 @@ from accelerate.utils import gather_object
 from matvlm import kernels
 from matvlm.bench.common import build_teacher
 from matvlm.convert import to_hybrid
-from matvlm.distill import Distiller, LossSettings, end_process_group
+from matvlm.distill import Distiller, LossSettings
+from matvlm.training import end_process_group
 
 SEED = 0
 

@@ -237,7 +237,7 @@ def distill(
     `accelerate launch -m matvlm.cli distill ...`."""
     from matvlm.distill import DistillConfig
     from matvlm.distill import distill as run_distill
-    from matvlm.distill import end_process_group
+    from matvlm.training import end_process_group
 
     overrides = dict(
         teacher=teacher and str(teacher), out=out and str(out), data=data and str(data),

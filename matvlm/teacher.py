@@ -47,6 +47,7 @@ from .profiling import StepProfiler, quiet_window_start
 from .training import (
     EpochOrder,
     check_same_run,
+    end_process_group,
     ResumableBatches,
     StagedOrder,
     SubsetOrder,
@@ -587,9 +588,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     results = None
     if main and not stopping:
         results = finish_teacher(model, cfg, tokenizer, image_processor, history, train_seconds, progress=progress)
-    if world > 1:
-        dist.barrier()  # the others wait for process 0's checkpoint and final evaluation
-        dist.destroy_process_group()
+    end_process_group()  # the others wait for process 0's checkpoint and final evaluation
     return results
 
 

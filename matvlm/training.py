@@ -273,3 +273,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
                            "delete it to resume from the one before") from err
     return tensors, state, meta
 
+
+def end_process_group() -> None:
+    """Close the process group of a multi-process run once every process is done (each waits for the others
+    at a barrier). Left open, gloo's threads outlive the interpreter and may abort the process at exit
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import re
 import sys
@@ -85,8 +86,7 @@ def drop_number_spaces(enc: Encoder, item: tuple[list[int], list[int], list[int]
     """Remove the lone space token the tokenizer puts before every number (" 35" -> "Ġ", "35"), so that a
     number follows its key directly, as " 35" -> "Ġ35" would in a GPT-2-style tokenizer."""
     seq, positions, nums = item
-    space = enc.tok.encode(" ", add_special_tokens=False)[-1]
-    numbers = {_num(enc, v) for v in range(100)}
+    space, numbers = _space_and_numbers(enc)
     keep = [i for i, t in enumerate(seq) if not (t == space and i + 1 < len(seq) and seq[i + 1] in numbers)]
     new_index = {old: new for new, old in enumerate(keep)}
     return [seq[i] for i in keep], [new_index[p] for p in positions if p in new_index], nums
@@ -98,6 +98,12 @@ def _asked(rng: random.Random, n: int, k: int) -> list[int]:
     if QUERY_ORDER[0] == "perm":
         return rng.sample(range(n), k)
     return [rng.randrange(n) for _ in range(k)]
+
+
+@functools.cache
+def _space_and_numbers(enc: Encoder) -> tuple[int, frozenset[int]]:
+    """The lone space token and the tokens of 0..99 (encoded once, not once a record)."""
+    return enc.tok.encode(" ", add_special_tokens=False)[-1], frozenset(_num(enc, v) for v in range(100))
 
 
 def _num(enc: Encoder, v) -> int:  # the tokenizer keeps the space apart: " 35" -> ["Ġ", "35"]
@@ -129,7 +135,7 @@ def _repeat(enc: Encoder, rng: random.Random) -> tuple[list[int], list[int], lis
     vocab = list(COLORS) + list(RECALL_NOUNS) + [str(v) for v in range(100)]
     once = enc.tok.encode(" " + " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 24))), add_special_tokens=False)
     seq = once + once
-    space = enc.tok.encode(" ", add_special_tokens=False)[-1]  # numbers come as "Ġ", "35": score the words only
+    space, _ = _space_and_numbers(enc)  # numbers come as "Ġ", "35": score the words only
     return seq, [i for i in range(len(once) + 1, len(seq)) if seq[i] != space], sorted(set(once))
 
 

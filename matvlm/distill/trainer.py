@@ -213,16 +213,6 @@ class _Logs:
             self.tb.close()
 
 
-def end_process_group() -> None:
-    """Close the process group `accelerate launch` opened, once all processes are done: left open, gloo's
-    threads outlive the interpreter and may abort the process at exit ("terminate called ...")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) a distillation. Returns a summary; `stop_at` ends early with a checkpoint (tests)."""
     from accelerate import Accelerator
