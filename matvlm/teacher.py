@@ -669,6 +669,8 @@ def export_teacher(run_dir: str | Path, out: str | Path, weights: str | Path | N
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not match the run's model: missing {missing}, unexpected {unexpected}")
-    note = f"exported from {source} of a {cfg.steps}-step run, before its end"
+    # A run whose last step is saved but whose own export never ran (killed, or its files not brought back).
+    when = "its last step" if step >= cfg.steps else "before its end"
+    note = f"exported from {source} of a {cfg.steps}-step run, {when}"
     return finish_teacher(model, cfg, tokenizer, build_image_processor(cfg.image_size), history, None,
                           progress=progress, note=note)

@@ -13,7 +13,7 @@ set -o pipefail
 source scripts/device_setup.sh
 GPU=${1:?usage: bash scripts/device_recall_probes.sh GPU [SECONDS]}
 FMT="python3 benchmarks/probes/recall_format.py --device cuda --layers 8 --hidden 192 --heads 6 --batch 64 --lr 1e-3 --eval-every 500 --eval-n 256 --max-minutes 4"
-export PYTHONPATH=benchmarks/probes
+export PYTHONPATH=$PYTHONPATH:$PWD/benchmarks/probes
 CUDA_VISIBLE_DEVICES=$GPU setsid nohup nice -n 5 timeout "${2:-1200}" bash -c "
   $FMT --format chat --drop-space > runs/probe_gpu_chat_ns.log 2>&1
   $FMT --format word --drop-space --eval-formats chat > runs/probe_gpu_word_ns.log 2>&1

@@ -169,6 +169,9 @@ def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(weights), metadata={"step": "4"})
     export_teacher(run_dir, tmp_path / "from_file", weights=weights, progress=False)
     assert json.loads((tmp_path / "from_file" / "matvlm.json").read_text())["train_steps"] == 4
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(weights), metadata={"step": "8"})
+    export_teacher(run_dir, tmp_path / "last", weights=weights, progress=False)  # the run's last step (steps=8)
+    assert "its last step" in json.loads((tmp_path / "last" / "matvlm.json").read_text())["note"]
     del tensors[key]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
     with pytest.raises(ValueError, match="missing"):
