@@ -72,8 +72,9 @@ class TeacherConfig:
     all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
     # tokenizer: a number keeps its leading space (" 35" -> "Ġ35") so that copying it is a plain induction step
     # (train_tokenizer). From an init_from teacher whose tokenizer differs, a new one is trained and the
-    # embeddings are carried over (transfer_vocab).
-    number_space: bool = False
+    # embeddings are carried over (transfer_vocab). None: as init_from's tokenizer (False from scratch), so that
+    # continuing a teacher never changes its tokenizer unless asked; the run's config.json records the value.
+    number_space: bool | None = None
     # N one-object, N several-object and N listing records made for training only (families "where1", "where",
     # "where_list"; matvlm/data/where.py), with 2..where_max_objects objects in the several-object scenes
     where_records: int = 0
@@ -441,6 +442,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
+    if cfg.number_space is None:
+        cfg.number_space = bool(cfg.init_from) and keeps_number_space(AutoTokenizer.from_pretrained(cfg.init_from))
     texts = (lambda: load_records(data / "train.json")) if cfg.generated_train else (lambda: train_records)
     if main:
         tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)

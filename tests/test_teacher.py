@@ -226,6 +226,11 @@ def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(wo
         torch.testing.assert_close(w_new[new_vocab[spaced[0]]], w_old[parts].mean(0))
     tensors = {"lm_head.weight": torch.zeros(len(old_tok), 4), "other.weight": torch.zeros(len(old_tok), 4)}
     assert transfer_vocab(tensors, old_tok, new_tok) == ["lm_head.weight"]
+    # Continued without naming number_space: the tokenizer stays the init_from teacher's, and the run says so.
+    third = tmp_path / "third"
+    train_teacher(tiny_cfg(world, third, steps=1, init_from=str(again)), progress=False)
+    assert AutoTokenizer.from_pretrained(third).get_vocab() == new_vocab
+    assert json.loads((tmp_path / "third.run" / "config.json").read_text())["number_space"] is True
 
 
 def test_init_from_larger_patches_sees_a_zoomed_image(world, tmp_path):

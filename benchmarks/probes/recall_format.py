@@ -29,7 +29,8 @@ import time
 import torch
 
 from matvlm.data.synth import COLORS, RECALL_ACK, RECALL_NOUNS
-from recall_lookup import Encoder, build_model, itertools_accumulate, pad, parse_stages, recall_record, stage_at
+from matvlm.data.tokenizer import keeps_number_space
+from recall_lookup import TEACHER, Encoder, build_model, itertools_accumulate, pad, parse_stages, recall_record, stage_at
 
 FACT = re.compile(r"The key for the (\w+) (\w+) is (\d+)\.")
 QUERY = re.compile(r"the (\w+) (\w+)\?$")
@@ -190,6 +191,9 @@ def main() -> None:
     p.add_argument("--queries", default="perm", choices=["perm", "draw"],
                    help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
     p.add_argument("--drop-space", action="store_true", help="remove the lone space token before every number")
+    p.add_argument("--tokenizer", default=TEACHER,
+                   help="tokenizer folder (default: the shipped teacher's, which keeps the space with the number "
+                        "since session 13; session 12's runs used the one of commit 4d60861)")
     p.add_argument("--eval-formats", default="chat", help="comma list evaluated besides the training formats")
     p.add_argument("--arch", default="phi", choices=["phi", "llama"])
     p.add_argument("--init", default="scratch")
@@ -208,7 +212,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     QUERY_ORDER[0] = args.queries
-    DROP_SPACE[0] = args.drop_space
+    enc = Encoder("digits", args.tokenizer)
+    # A number_space tokenizer has no lone space before numbers, but the bare wordings below add one (ids(" ")):
+    # drop it, so that every wording reads numbers as the tokenizer would.
+    DROP_SPACE[0] = args.drop_space or keeps_number_space(enc.tok)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     print("args:", " ".join(sys.argv[1:]), flush=True)
@@ -218,7 +225,6 @@ def main() -> None:
     names = list(dict.fromkeys(trained + [f for f in args.eval_formats.split(",") if f]))
     if unknown := set(names) - set(FORMATS):
         raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {FORMATS}")
-    enc = Encoder("digits")
     evals = {f: [encode(enc, f, 10**6 + i, "test") for i in range(args.eval_n)] for f in names}
     for f, items in evals.items():
         chance = sum(len(ps) / len(n) for _, ps, n in items) / sum(len(ps) for _, ps, _ in items)

@@ -68,8 +68,8 @@ class Encoder:
     """phi_short rendering + the teacher tokenizer, labels as the teacher's trainer makes them
     (' ' + answer + eos of every assistant turn); numtok='one' maps each number 0-99 to one new token."""
 
-    def __init__(self, numtok: str) -> None:
-        self.tok = AutoTokenizer.from_pretrained(TEACHER)
+    def __init__(self, numtok: str, tokenizer: str = TEACHER) -> None:
+        self.tok = AutoTokenizer.from_pretrained(tokenizer)
         self.chat = get_template("phi_short")
         self.numtok = numtok
         if numtok == "one":
