@@ -145,6 +145,8 @@ def teacher(
     init_from: Path = typer.Option(None, help="Start from this teacher's weights and tokenizer (e.g. to train the shipped one further)."),
     generated_train: int = typer.Option(None, help="Train on this many of the world's training records, made on demand "
                                         "(identical to `data synth --train N`'s) instead of DATA/train.json."),
+    generated_start: int = typer.Option(None, help="With --generated-train N: records START .. START + N - 1 "
+                                        "(fresh records for a continuation)."),
     resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT.run/ if there is one."),
 ) -> None:
     """Train a small LLaVA teacher from scratch (progress bar, periodic eval, atomic checkpoints, resume)."""
@@ -153,7 +155,8 @@ def teacher(
 
     fields = json.loads(config.read_text()) if config else {}
     overrides = dict(family=family, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers,
-                     init_from=str(init_from) if init_from else None, generated_train=generated_train)
+                     init_from=str(init_from) if init_from else None, generated_train=generated_train,
+                     generated_start=generated_start)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields.update(data=str(data), out=str(out))
     try:

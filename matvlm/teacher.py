@@ -122,6 +122,7 @@ class TeacherConfig:
     # one `data synth --train N` writes as i) instead of DATA/train.json, which then only trains a new tokenizer.
     # DATA still gives world.json (seed, image size) and the held-out test.json. 0: read DATA/train.json.
     generated_train: int = 0
+    generated_start: int = 0  # with generated_train: records start .. start + N - 1 (a continuation's fresh records)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
     # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
@@ -406,7 +407,8 @@ def training_records(cfg: TeacherConfig, run_dir: Path, progress: bool = True) -
         # host's training processes rather than use only the loader's few workers (2 M records: ~11 core-minutes).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         sizing_workers = max(cfg.num_workers, (os.cpu_count() or 1) // local_world)
-        return GeneratedRecords.from_world(data, cfg.generated_train, workers=sizing_workers, progress=progress), []
+        return GeneratedRecords.from_world(data, cfg.generated_train, workers=sizing_workers, progress=progress,
+                                           start=cfg.generated_start), []
     records, images = load_records(data / "train.json"), [data / "images"]
     if cfg.where_records:
         records = records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
@@ -617,6 +619,7 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
     }
     if cfg.generated_train:  # the world's counts describe its files on disk, not the records this run made
         info["world"]["generated_train"] = cfg.generated_train
+        info["world"]["generated_start"] = cfg.generated_start
     source_info = Path(cfg.init_from) / MODEL_INFO_FILE if cfg.init_from else None
     if source_info is not None and source_info.exists():  # a continued teacher counts what its start had seen
         source = json.loads(source_info.read_text())

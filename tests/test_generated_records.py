@@ -32,6 +32,9 @@ def test_sizing_shared_by_processes_joins_to_the_whole(world, monkeypatch):
         assert made.words == whole
     with pytest.raises(ValueError, match="word counts"):
         made.join_blocks([made.size_blocks(0, 2)])
+    late = GeneratedRecords.from_world(world, 20, start=10)  # records 10..29: their own blocks, the same counts
+    late.join_blocks([late.size_blocks(p, 3) for p in range(3)])
+    assert late.words == whole[10:]
 
 
 def test_generated_records_are_the_written_ones(world):
@@ -45,6 +48,11 @@ def test_generated_records_are_the_written_ones(world):
     assert more[0] == made[0] and more[999]["id"] == "train-0000999"
     with pytest.raises(IndexError):
         made[len(written)]
+    late = GeneratedRecords.from_world(world, len(written) - 5, start=5)  # a continuation's later records
+    assert [late[i] for i in range(len(late))] == [made[i] for i in range(5, len(made))]
+    assert [late.family(i) for i in range(len(late))] == [r["family"] for r in written[5:]]
+    with pytest.raises(ValueError, match="start"):
+        GeneratedRecords.from_world(world, 5, start=-1)
 
 
 def test_generated_items_equal_the_items_read_from_disk(world):
@@ -91,11 +99,16 @@ def test_teacher_trains_on_generated_records(world, tmp_path):
     cfg = TeacherConfig(data=str(world), out=str(out), vocab_size=400, image_size=64, patch_size=16, vision_hidden=32,
                         vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
                         batch_size=4, steps=4, eval_every=2, eval_records=3, save_every=4, num_workers=0,
-                        final_eval_records=3, generated_train=200)  # eval_every: test images are read from DATA
+                        final_eval_records=3, generated_train=200, generated_start=1000)
+    # (eval_every: test images are read from DATA; generated_start: records 1000..1199)
+    from matvlm.teacher import training_records
+
+    records, _ = training_records(cfg, tmp_path, progress=False)
+    assert len(records) == 200 and records[0]["id"] == "train-0001000"
     results = train_teacher(cfg, progress=False)
     assert results["n"] == 3
     info = json.loads((out / "matvlm.json").read_text())
     assert info["config"]["generated_train"] == 200 and info["train_tokens"] > 0
-    assert info["world"]["generated_train"] == 200
+    assert info["world"]["generated_train"] == 200 and info["world"]["generated_start"] == 1000
     with pytest.raises(ValueError, match="preload"):
         train_teacher(TeacherConfig(data=str(world), out=str(tmp_path / "t2"), generated_train=10, preload=True))

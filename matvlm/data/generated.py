@@ -40,15 +40,17 @@ def _block_words(job: tuple) -> list[int]:
 
 
 class GeneratedRecords(Sequence):
-    """The first `n` records of a world's split, each made when it is read."""
+    """Records start .. start + n - 1 of a world's split (the first n by default), each made when it is read:
+    item i is the record `data synth` would write as number start + i."""
 
     def __init__(self, seed: int, image_size: int, n: int, split: str = "train", families: list[str] | None = None,
-                 workers: int = 1, progress: bool = False):
+                 workers: int = 1, progress: bool = False, start: int = 0):
         self.families = list(FAMILIES) if families is None else list(families)
         unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown or not self.families or n < 1:
-            raise ValueError(f"generated records: need n >= 1 (got {n}) and known families (unknown: {unknown})")
-        self.seed, self.image_size, self.n, self.split = seed, image_size, n, split
+        if unknown or not self.families or n < 1 or start < 0:
+            raise ValueError(f"generated records: need n >= 1 (got {n}), start >= 0 (got {start}) and known "
+                             f"families (unknown: {unknown})")
+        self.seed, self.image_size, self.n, self.split, self.start = seed, image_size, n, split, start
         self.workers, self.progress = workers, progress
         self._words: list[int] | None = None
 
@@ -69,19 +71,21 @@ class GeneratedRecords(Sequence):
         return self.n
 
     def family(self, index: int) -> str:
-        return self.families[index % len(self.families)]
+        return self.families[(self.start + index) % len(self.families)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         if not 0 <= index < self.n:
             raise IndexError(f"record {index} of {self.n}")
-        k = len(self.families)
-        return make_record(_world(self.seed, self.image_size), self.split, index, self.family(index), index // k)
+        number = self.start + index
+        return make_record(_world(self.seed, self.image_size), self.split, number, self.family(index),
+                           number // len(self.families))
 
     def size_blocks(self, part: int = 0, parts: int = 1) -> list[list[int]]:
         """Word counts of blocks part, part + parts, ... of `_BLOCK` records: one process's share of the sizing
         (~0.3 ms a record on one core), made in `workers` processes."""
-        jobs = [(self.seed, self.image_size, self.split, self.families, a, min(a + _BLOCK, self.n))
-                for a in range(part * _BLOCK, self.n, parts * _BLOCK)]
+        end = self.start + self.n
+        jobs = [(self.seed, self.image_size, self.split, self.families, a, min(a + _BLOCK, end))
+                for a in range(self.start + part * _BLOCK, end, parts * _BLOCK)]
         bar = tqdm(total=sum(b - a for *_, a, b in jobs), desc="sizing generated records", disable=not self.progress,
                    unit="rec")
         blocks: list[list[int]] = []
