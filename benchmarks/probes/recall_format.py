@@ -11,6 +11,8 @@
 #   word      chat with one-word keys: 2-5 distinct nouns ("The key for the gate is 62."), one question
 #   wordmq    word with every key asked in turn
 #   tail      chat with the key repeated right before the answer: "... ASSISTANT: purple gate" -> 35
+#   echo      chat answered with the fact's own sentence: "... ASSISTANT: The key for the purple gate is" -> 35
+#             (a training-only wording in which the answer follows the key, as in the facts)
 #   single    sanity check, one-word keys: 2-5 distinct nouns, "door 17 gate 62 safe 35 ? gate" -> 62
 #   repeat    8-24 random words said twice, the second copy supervised (forms induction heads; no look-up)
 #   mqar      4-12 random colour-noun keys in bare form, then every key asked, each answer supervised
@@ -34,7 +36,7 @@ from recall_lookup import TEACHER, Encoder, build_model, itertools_accumulate, p
 
 FACT = re.compile(r"The key for the (\w+) (\w+) is (\d+)\.")
 QUERY = re.compile(r"the (\w+) (\w+)\?$")
-FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "single", "mqar", "word", "wordmq", "repeat"]
+FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "echo", "single", "mqar", "word", "wordmq", "repeat"]
 
 
 def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
@@ -68,6 +70,12 @@ def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], 
         seq, labels = enc.train_item(turns, "all")
         nums = [_num(enc, v) for v in values]
         return seq, [i for i, (t, l) in enumerate(zip(seq, labels)) if l == t and t in nums], nums
+    elif fmt == "echo":  # ends "... ASSISTANT: The key for the purple gate is Ġ35 . <eos>"
+        said = turns[:-1] + [(turns[-1][0], f"The key for the {color} {noun} is {answer}.")]
+        full, _ = enc.train_item(said, "final")
+        if full[-3] != _num(enc, answer):
+            raise ValueError("echo: the answer number is not the third token from the end")
+        return full[:-2], [len(full) - 3], [_num(enc, v) for v in values]
     elif fmt in ("chat", "tail"):
         full, _ = enc.train_item(turns, "final")  # ends "... ASSISTANT: Ġ 35 <eos>"
         prompt = full[:-2]
