@@ -383,15 +383,15 @@ def process_group() -> tuple[int, int, torch.device]:
 
 
 def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: the one saved in the run folder, else init_from's (when it treats numbers as this
-    run asks), else one trained on `texts()`."""
+    """The run's tokenizer: the one saved in the run folder, else init_from's (unless number_space asks for
+    other number tokens than it has), else one trained on `texts()`."""
     if (tok_dir / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.init_from) if cfg.init_from else None
-    if tokenizer is None or keeps_number_space(tokenizer) != cfg.number_space:
+    if tokenizer is None or cfg.number_space not in (None, keeps_number_space(tokenizer)):
         tokenizer = train_tokenizer(conversation_texts(texts()), vocab_size=cfg.vocab_size, template=cfg.template,
                                     digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups,
-                                    number_space=cfg.number_space)
+                                    number_space=bool(cfg.number_space))
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
@@ -444,8 +444,6 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
 
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
-    if cfg.number_space is None:
-        cfg.number_space = bool(cfg.init_from) and keeps_number_space(AutoTokenizer.from_pretrained(cfg.init_from))
     texts = (lambda: load_records(data / "train.json")) if cfg.generated_train else (lambda: train_records)
     if main:
         tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
@@ -453,6 +451,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         dist.barrier()
     if not main:  # read what process 0 saved
         tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
+    cfg.number_space = keeps_number_space(tokenizer)  # an unset number_space: what init_from's tokenizer does
     image_processor = build_image_processor(cfg.image_size)
     model = build_teacher(cfg, tokenizer)
     model.to(device)

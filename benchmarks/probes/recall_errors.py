@@ -40,12 +40,13 @@ def distance_bin(words: int) -> str:
 
 def summarise(records: list[dict], predictions: dict[str, str]) -> dict:
     by_facts, by_distance = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
-    right = stated = 0
+    right = stated = chance = 0
     for r in records:
         answer, numbers = predictions[r["id"]], stated_numbers(r)
         ok = answer == r["answers"][0]
         right += ok
         stated += answer in numbers
+        chance += 1 / len(numbers)
         for table, key in ((by_facts, len(numbers)), (by_distance, distance_bin(r["distance"]))):
             table[key][0] += ok
             table[key][1] += 1
@@ -54,7 +55,7 @@ def summarise(records: list[dict], predictions: dict[str, str]) -> dict:
         "n": n,
         "accuracy": right / n,
         "answers_a_stated_number": stated / n,
-        "chance_of_a_random_stated_number": sum(1 / len(stated_numbers(r)) for r in records) / n,
+        "chance_of_a_random_stated_number": chance / n,
         "by_facts": {str(k): {"accuracy": v[0] / v[1], "n": v[1]} for k, v in sorted(by_facts.items())},
         "by_distance_words": {k: {"accuracy": by_distance[k][0] / by_distance[k][1], "n": by_distance[k][1]}
                               for k in DISTANCE_BINS if k in by_distance},
