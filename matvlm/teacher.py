@@ -28,6 +28,7 @@ from transformers import (AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForCondi
                           PreTrainedTokenizerBase, SiglipVisionConfig)
 
 from .data.generated import GeneratedDataset, GeneratedRecords
+from .data.synth import TEXT_FAMILIES
 from .data.preload import PreloadedDataset
 from .data.llava import (
     SupervisedDataset,
@@ -123,6 +124,9 @@ class TeacherConfig:
     # DATA still gives world.json (seed, image size) and the held-out test.json. 0: read DATA/train.json.
     generated_train: int = 0
     generated_start: int = 0  # with generated_train: records start .. start + N - 1 (a continuation's fresh records)
+    # With generated_train: training-only families (synth.TRAIN_ONLY_FAMILIES) that join the world's in turn, e.g.
+    # ["copy"]; never scored. copy's dense copying forms the induction heads that the recall look-up needs.
+    train_only_families: list[str] = field(default_factory=list)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
     # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
@@ -407,8 +411,10 @@ def training_records(cfg: TeacherConfig, run_dir: Path, progress: bool = True) -
         # host's training processes rather than use only the loader's few workers (2 M records: ~11 core-minutes).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         sizing_workers = max(cfg.num_workers, (os.cpu_count() or 1) // local_world)
-        return GeneratedRecords.from_world(data, cfg.generated_train, workers=sizing_workers, progress=progress,
-                                           start=cfg.generated_start), []
+        return GeneratedRecords.from_world(data, cfg.generated_train, train_only=cfg.train_only_families,
+                                           workers=sizing_workers, progress=progress, start=cfg.generated_start), []
+    if cfg.train_only_families:
+        raise ValueError("train_only_families are made on demand: they need generated_train")
     records, images = load_records(data / "train.json"), [data / "images"]
     if cfg.where_records:
         records = records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
@@ -529,11 +535,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     forward = compiled_forward(model, cfg.compile)
     if world > 1:  # wraps the compiled layers, as torchtitan does
         # DDP waits for a gradient of every trainable parameter: those that never get one are frozen (AdamW
-        # skips them either way). Every world record has an image, so all the others get one each step.
+        # skips them either way). Every world record has an image, so all the others get one each step; with
+        # plain-text records a process's rows may hold no image, and DDP must then look for unused parameters.
         for p in params_without_gradient(model):
             p.requires_grad_(False)
+        text_rows = any(f in TEXT_FAMILIES for f in cfg.train_only_families)
         forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
+            forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=text_rows)
     profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
     if profile_at != cfg.profile_at:
         bar.write(f"profile_at {cfg.profile_at} -> {profile_at}: the window holds no checkpoint or evaluation")
@@ -619,6 +627,7 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
     if cfg.generated_train:  # the world's counts describe its files on disk, not the records this run made
         info["world"]["generated_train"] = cfg.generated_train
         info["world"]["generated_start"] = cfg.generated_start
+        info["world"]["train_only_families"] = cfg.train_only_families
     source_info = Path(cfg.init_from) / MODEL_INFO_FILE if cfg.init_from else None
     if source_info is not None and source_info.exists():  # a continued teacher counts what its start had seen
         source = json.loads(source_info.read_text())

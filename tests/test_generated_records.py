@@ -80,6 +80,26 @@ def test_generated_records_need_a_world_of_this_generator(world, tmp_path):
         GeneratedRecords.from_world(tmp_path, 10)
     with pytest.raises(ValueError, match="n >= 1"):
         GeneratedRecords(5, 64, 0)
+    with pytest.raises(ValueError, match="train-only"):
+        GeneratedRecords.from_world(world, 10, train_only=["recall"])
+
+
+def test_train_only_families_join_the_world_families_in_turn(world):
+    made = GeneratedRecords.from_world(world, 20, train_only=["copy"])  # 9 world families + copy: a cycle of 10
+    assert [made.family(i) for i in (0, 9, 10, 19)] == ["attribute", "copy", "attribute", "copy"]
+    assert made[9]["family"] == "copy" and made[9]["answers"][0] in made[9]["conversations"][0]["value"]
+    assert made[3] == GeneratedRecords.from_world(world, 20)[3]  # a world family's record i is unchanged
+
+
+def test_generated_plain_text_records_have_no_image(world):
+    written = load_records(world / "train.json")
+    tokenizer = train_tokenizer(conversation_texts(written), vocab_size=400, template="phi")
+    made = GeneratedRecords.from_world(world, 20, train_only=["repeat"])
+    ds = GeneratedDataset(made, tokenizer, build_image_processor(64), "phi", num_image_tokens=16, max_length=1024)
+    item = ds[9]
+    assert made.family(9) == "repeat" and item["pixel_values"] is None
+    assert tokenizer.decode(item["input_ids"]) == made[9]["prompt"] + made[9]["completion"] + tokenizer.eos_token
+    assert ds.lengths[9] == ds.length_estimate(made.words[9], False) and ds[8]["pixel_values"] is not None
 
 
 def test_family_weights_and_stages_over_generated_records(world):
@@ -112,3 +132,22 @@ def test_teacher_trains_on_generated_records(world, tmp_path):
     assert info["world"]["generated_train"] == 200 and info["world"]["generated_start"] == 1000
     with pytest.raises(ValueError, match="preload"):
         train_teacher(TeacherConfig(data=str(world), out=str(tmp_path / "t2"), generated_train=10, preload=True))
+    with pytest.raises(ValueError, match="generated_train"):
+        train_teacher(TeacherConfig(data=str(world), out=str(tmp_path / "t3"), train_only_families=["copy"]))
+
+
+def test_teacher_trains_with_copy_records_and_scores_only_world_families(world, tmp_path):
+    out = tmp_path / "teacher"
+    cfg = TeacherConfig(data=str(world), out=str(out), vocab_size=400, image_size=64, patch_size=16, vision_hidden=32,
+                        vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
+                        batch_size=4, steps=3, eval_every=100, save_every=3, num_workers=0, final_eval_records=9,
+                        generated_train=44, train_only_families=["copy", "repeat"], family_weights={"copy": 2, "repeat": 2})
+    from matvlm.teacher import training_records
+
+    records, _ = training_records(cfg, tmp_path, progress=False)
+    assert sum(records.family(i) == "copy" for i in range(len(records))) == 4
+    assert sum(records.family(i) == "repeat" for i in range(len(records))) == 4
+    results = train_teacher(cfg, progress=False)
+    assert "copy" not in results["families"] and len(results["families"]) == 9
+    info = json.loads((out / "matvlm.json").read_text())
+    assert info["world"]["train_only_families"] == ["copy", "repeat"]

@@ -27,6 +27,7 @@ from matvlm.data.llava import (
     generation_inputs,
     load_image,
     load_records,
+    record_words,
 )
 from matvlm.data.templates import get_template
 from matvlm.data.tokenizer import TokenizerError, check_tokenizer, train_tokenizer
@@ -345,6 +346,24 @@ def test_text_only_record(tok, proc, folders):
     assert item["pixel_values"] is None
     assert tok.convert_tokens_to_ids("<image>") not in item["input_ids"].tolist()
     assert [tok.decode(r) for r in supervised_runs(item["labels"])] == [" Why did the square cross the road?" + EOS]
+
+
+def test_plain_text_record_has_no_template_and_supervises_its_completion(tok, proc, folders):
+    """A prompt-completion record (the world's training-only repeat family): the tokens of prompt + completion,
+    no chat template and no image, the loss on the completion and its end token; it batches with image records."""
+    text = {"id": "r", "prompt": " red 12 box", "completion": " red 12 box"}
+    ds = make_ds([text, rec("i", "<image>", "Red.", image="red.png")], folders, tok, proc)
+    item = ds[0]
+    assert item["pixel_values"] is None
+    assert tok.decode(item["input_ids"]) == " red 12 box red 12 box" + EOS
+    assert [tok.decode(r) for r in supervised_runs(item["labels"])] == [" red 12 box" + EOS]
+    assert record_words(text) == 6 and ds.lengths[0] == ds.length_estimate(6, False)  # no image block
+    batch = collate([ds[0], ds[1]], tok.pad_token_id)
+    assert batch["has_image"].tolist() == [False, True] and batch["pixel_values"].shape[0] == 1
+    for bad, reason in [({"id": "a", "completion": " "}, "completion"), ({"id": "b", "prompt": 3, "completion": "x"}, "prompt"),
+                        ({"id": "c", "completion": "x", "image": "red.png"}, "cannot have an 'image'")]:
+        with pytest.raises(BadRecordError, match=reason):
+            make_ds([bad], folders, tok, proc)[0]
 
 
 def test_truncation_keeps_image_block_and_errors_when_impossible(tok, proc, folders):

@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from matvlm.data.scene import BACKGROUNDS, COLORS, GRID, PANEL_FILL, PLURALS, SIZES, cell_size, font
+from matvlm.data.scene import BACKGROUNDS, COLORS, GRID, PANEL_FILL, PLURALS, SHAPES, SIZES, cell_size, font
 from matvlm.data.synth import (
     FAMILIES,
     GENERATOR_VERSION,
     LETTERS,
     METRICS,
     PRESENCE_SUBSETS,
+    RECALL_NOUNS,
+    TRAIN_ONLY_FAMILIES,
+    _World,
     answer_from_scene,
     caption_of,
     generate_world,
+    make_record,
     parse_question,
 )
 
@@ -136,6 +140,8 @@ def test_bad_arguments_are_refused(tmp_path):
         generate_world(tmp_path, 1, 1, families=["nope"])
     with pytest.raises(ValueError):
         generate_world(tmp_path, 1, 1, image_size=32)
+    with pytest.raises(ValueError, match="copy"):  # training-only: never written to a (test) split
+        generate_world(tmp_path, 1, 1, families=["copy"])
 
 
 def test_progress_bar(tmp_path, capsys):
@@ -280,6 +286,42 @@ def test_recall_distance_spans_a_range(tmp_path):
         words = sum(len(t["value"].split()) for t in r["conversations"])
         assert words <= 1100
         assert "Remember these facts." in r["conversations"][0]["value"]
+
+
+def test_copy_records_repeat_training_words_only():
+    """The training-only copy family: the answer is the question's words, recomputable from the text, in the
+    training vocabulary (no held-out OCR word), deterministic, and different from record to record."""
+    assert "copy" in TRAIN_ONLY_FAMILIES and "copy" not in FAMILIES
+    world = _World.make(SEED, 128)
+    records = [make_record(world, "train", i, "copy", i) for i in range(200)]
+    assert records[7] == make_record(world, "train", 7, "copy", 7)
+    assert len({r["answers"][0] for r in records}) == len(records)
+    held = set(world.heldout_words)
+    for r in records:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert question.startswith("<image>\n") and len(r["conversations"]) == 2
+        assert r["family"] == "copy" and r["metric"] == "exact" and r["answers"] == [answer]
+        assert question.endswith(": " + answer) and 8 <= len(answer.split()) <= 24
+        assert answer_from_scene(r) == answer
+        assert not held & set(answer.split()) and not r["heldout"]
+    numbers = sum(w.isdigit() for r in records for w in r["answers"][0].split())
+    assert numbers > 200  # numbers, the recall family's values, are among the copied words
+
+
+def test_repeat_records_are_plain_text_said_twice():
+    """The training-only repeat family: a prompt-completion record (no scene, image or chat), its completion
+    the prompt's words again, one-token world words only, deterministic."""
+    world = _World.make(SEED, 128)
+    records = [make_record(world, "train", i, "repeat", i) for i in range(100)]
+    assert records[5] == make_record(world, "train", 5, "repeat", 5)
+    assert len({r["completion"] for r in records}) == len(records)
+    vocab = set(COLORS) | set(SHAPES) | set(SIZES) | set(RECALL_NOUNS) | {str(v) for v in range(100)}
+    for r in records:
+        assert r["prompt"] == r["completion"] and r["completion"].startswith(" ") and r["family"] == "repeat"
+        assert "conversations" not in r and "image" not in r and "scene" not in r and r["kind"] == "repeat"
+        words = r["completion"].split()
+        assert 8 <= len(words) <= 24 and r["answers"] == [" ".join(words)]
+        assert set(words) <= vocab
 
 
 # ------------------------------------------------------------------------------------------ images

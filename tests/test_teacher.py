@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from matvlm.data.synth import generate_world
+from matvlm.data.synth import FAMILIES, TRAIN_ONLY_FAMILIES, generate_world
 from matvlm.data.llava import load_records
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.data.where import where_records
@@ -352,6 +352,8 @@ def test_committed_teacher_configs_are_valid(path):
     sdpa_choice(cfg.sdpa_backends)
     for stage in cfg.stages:
         assert set(stage) <= {"steps", "families", "max_words"} and stage["steps"] >= 1, stage
+    assert set(cfg.train_only_families) <= set(TRAIN_ONLY_FAMILIES)
+    assert set(cfg.family_weights) <= set(FAMILIES) | set(cfg.train_only_families) | {"where1", "where", "where_list"}
 
 
 DDP_TEACHER = """
@@ -379,7 +381,8 @@ def test_params_without_gradient_are_exactly_those_unused(world, feature_layer):
 @pytest.mark.parametrize("feature_layer,generated", [(-1, 0), (-2, 0), (-1, 40)])
 def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer, generated):
     """DDP through `accelerate launch` (2 CPU processes, gloo), the same global batches: same losses and weights.
-    With generated records each process sizes half of them, and the gathered lengths give the same batches."""
+    With generated records each process sizes half of them, and the gathered lengths give the same batches; they
+    include plain-text repeat records, so a process's rows may hold no image (DDP finds the unused parameters)."""
     from dataclasses import asdict
 
     from safetensors.torch import load_file
@@ -390,7 +393,8 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer, 
     for n in (1, 2):
         out = tmp_path / f"teacher{n}"
         cfg = asdict(tiny_cfg(world, out, steps=4, save_every=4, save_dtype="float32", max_batch_tokens=300,
-                              vision_feature_layer=feature_layer, generated_train=generated))
+                              vision_feature_layer=feature_layer, generated_train=generated,
+                              **(dict(train_only_families=["repeat"], family_weights={"repeat": 6}) if generated else {})))
         proc = launch_on_cpu(n, [str(script), json.dumps(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"PROCESSES {n} RESULTS True" in proc.stdout, proc.stdout[-2000:]

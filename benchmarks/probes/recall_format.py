@@ -13,6 +13,17 @@
 #   tail      chat with the key repeated right before the answer: "... ASSISTANT: purple gate" -> 35
 #   echo      chat answered with the fact's own sentence: "... ASSISTANT: The key for the purple gate is" -> 35
 #             (a training-only wording in which the answer follows the key, as in the facts)
+#   codes     a candidate world wording, one-word keys with the value right after them and the answer naming
+#             the key first: "Remember these keys: door 17, gate 62. ... What is the key for the gate?
+#             ASSISTANT: gate" -> 62 (the look-up is then the plain induction step, as in single)
+#   codes2    codes with the world's two-word near-miss keys: "... blue gate 62, green gate 35. ... ASSISTANT:
+#             green gate" -> 35
+#   copy      the world's training-only copy family through the chat template: "Repeat these words: blue 35
+#             door ... ASSISTANT: blue 35 door ...", every answer token after the first supervised and scored
+#             (copy = a token of the prompt); a world-made dense copy task, as repeat is a bare one
+#   twice     "Say these words twice: X" -> "X X" (chat; the answer copies the prompt, then itself)
+#   saytwice  "Say some words twice." -> "X X" (repeat inside an answer: the first X is unpredictable and
+#             not scored; the second is scored)
 #   single    sanity check, one-word keys: 2-5 distinct nouns, "door 17 gate 62 safe 35 ? gate" -> 62
 #   repeat    8-24 random words said twice, the second copy supervised (forms induction heads; no look-up)
 #   mqar      4-12 random colour-noun keys in bare form, then every key asked, each answer supervised
@@ -30,13 +41,14 @@ import time
 
 import torch
 
-from matvlm.data.synth import COLORS, RECALL_ACK, RECALL_NOUNS
+from matvlm.data import synth
+from matvlm.data.synth import COLORS, RECALL_ACK, RECALL_NOUNS, make_record
 from matvlm.data.tokenizer import keeps_number_space
-from recall_lookup import TEACHER, Encoder, build_model, itertools_accumulate, pad, parse_stages, recall_record, stage_at
+from recall_lookup import _WORLD, TEACHER, Encoder, build_model, itertools_accumulate, pad, parse_stages, recall_record, stage_at
 
 FACT = re.compile(r"The key for the (\w+) (\w+) is (\d+)\.")
 QUERY = re.compile(r"the (\w+) (\w+)\?$")
-FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "echo", "single", "mqar", "word", "wordmq", "repeat"]
+FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "echo", "single", "mqar", "word", "wordmq", "repeat", "codes", "codes2", "copy", "twice", "saytwice"]
 
 
 def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
@@ -52,6 +64,12 @@ def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], 
         return _repeat(enc, random.Random(f"{split}:{index}"))
     if fmt in ("word", "wordmq"):
         return _one_word_chat(enc, fmt == "wordmq", random.Random(f"{split}:{index}"))
+    if fmt == "copy":
+        return _world_copy(enc, split, index)
+    if fmt in ("twice", "saytwice"):
+        return _chat_twice(enc, fmt == "twice", random.Random(f"{split}:{index}"))
+    if fmt in ("codes", "codes2"):
+        return _codes_chat(enc, fmt == "codes2", split, index)
     turns, values = recall_record(split, index, 0, "near")
     facts = FACT.findall(turns[0][0])
     color, noun = QUERY.search(turns[-1][0]).groups()
@@ -162,6 +180,45 @@ def _one_word_chat(enc: Encoder, every_key: bool, rng: random.Random) -> tuple[l
     return seq, [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t and t in nums], nums
 
 
+def _codes_chat(enc: Encoder, two_words: bool, split: str, index: int) -> tuple[list[int], list[int], list[int]]:
+    """Facts as "key value" pairs and an answer that names the key before its value, in the chat template."""
+    if two_words:
+        turns, values = recall_record(split, index, 0, "near")
+        keys = [f"{c} {n}" for c, n, _ in FACT.findall(turns[0][0])]
+        asked = keys.index(" ".join(QUERY.search(turns[-1][0]).groups()))
+    else:
+        rng = random.Random(f"{split}:{index}")
+        keys = rng.sample(RECALL_NOUNS, rng.randint(2, 5))
+        values = rng.sample(range(100), len(keys))
+        asked = rng.randrange(len(keys))
+    facts = ", ".join(f"{k} {v}" for k, v in zip(keys, values))
+    turns = [(f"Remember these keys: {facts}.", RECALL_ACK),
+             (f"What is the key for the {keys[asked]}?", f"{keys[asked]} {values[asked]}")]
+    seq, labels = enc.train_item(turns, "all")
+    nums = [_num(enc, v) for v in values]
+    return seq, [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t and t in nums], nums
+
+
+def _world_copy(enc: Encoder, split: str, index: int) -> tuple[list[int], list[int], list[int]]:
+    """A record of the world's copy family (training split: copy is never in a test split)."""
+    record = make_record(_WORLD, "train", index + (10**8 if split == "test" else 0), "copy", index)
+    turns = [(record["conversations"][0]["value"].removeprefix("<image>\n"), record["conversations"][1]["value"])]
+    seq, labels = enc.train_item(turns, "all")
+    answer = [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t]
+    return seq, answer[1:-1], sorted(set(seq[: answer[0]]))  # not the first word (no cue) nor the eos
+
+
+def _chat_twice(enc: Encoder, shown: bool, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    vocab = list(COLORS) + list(RECALL_NOUNS) + [str(v) for v in range(100)]
+    words = " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 24)))
+    prompt = f"Say these words twice: {words}" if shown else "Say some words twice."
+    seq, labels = enc.train_item([(prompt, f"{words} {words}")], "all")
+    answer = [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t][:-1]  # not the eos
+    half = len(answer) // 2
+    scored = answer[1:] if shown else answer[half + 1:]
+    return seq, scored, sorted(set(seq[answer[0]: answer[half]]))
+
+
 def batch_tensors(items, device: str):
     x = pad([s for s, _, _ in items], 0).to(device)
     mask = pad([[1] * len(s) for s, _, _ in items], 0).to(device)
@@ -198,6 +255,8 @@ def main() -> None:
     p.add_argument("--format", required=True, help=f"one of {FORMATS}, a mix ('mqar+chat') or stages, e.g. 'mqar:2000,chat'")
     p.add_argument("--queries", default="perm", choices=["perm", "draw"],
                    help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
+    p.add_argument("--copy-pool", default="world", choices=["world", "short"],
+                   help="copy: the world's word pool, or without its OCR words (one-token words only)")
     p.add_argument("--drop-space", action="store_true", help="remove the lone space token before every number")
     p.add_argument("--tokenizer", default=TEACHER,
                    help="tokenizer folder (default: the shipped teacher's, which keeps the space with the number "
@@ -220,6 +279,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     QUERY_ORDER[0] = args.queries
+    if args.copy_pool == "short":  # _fam_copy reads these at call time; the probe makes no OCR record
+        synth.SHORT_WORDS, synth.LONG_WORDS = (), ()
     enc = Encoder("digits", args.tokenizer)
     # A number_space tokenizer has no lone space before numbers, but the bare wordings below add one (ids(" ")):
     # drop it, so that every wording reads numbers as the tokenizer would.

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from matvlm.data.llava import SupervisedDataset, _pixel_values, record_words
 from matvlm.data.scene import render
-from matvlm.data.synth import FAMILIES, GENERATOR_VERSION, _World, make_record
+from matvlm.data.synth import FAMILIES, GENERATOR_VERSION, TEXT_FAMILIES, TRAIN_ONLY_FAMILIES, _World, make_record
 
 _BLOCK = 4096  # records per word-count job
 
@@ -46,7 +46,7 @@ class GeneratedRecords(Sequence):
     def __init__(self, seed: int, image_size: int, n: int, split: str = "train", families: list[str] | None = None,
                  workers: int = 1, progress: bool = False, start: int = 0):
         self.families = list(FAMILIES) if families is None else list(families)
-        unknown = [f for f in self.families if f not in FAMILIES]
+        unknown = [f for f in self.families if f not in FAMILIES and f not in TRAIN_ONLY_FAMILIES]
         if unknown or not self.families or n < 1 or start < 0:
             raise ValueError(f"generated records: need n >= 1 (got {n}), start >= 0 (got {start}) and known "
                              f"families (unknown: {unknown})")
@@ -55,8 +55,9 @@ class GeneratedRecords(Sequence):
         self._words: list[int] | None = None
 
     @classmethod
-    def from_world(cls, world_dir: str | Path, n: int, **kwargs) -> GeneratedRecords:
-        """Records of the world described by WORLD_DIR/world.json (written by `matvlm data synth`)."""
+    def from_world(cls, world_dir: str | Path, n: int, train_only: Sequence[str] = (), **kwargs) -> GeneratedRecords:
+        """Records of the world described by WORLD_DIR/world.json (written by `matvlm data synth`), its families
+        in turn followed by the `train_only` ones (TRAIN_ONLY_FAMILIES, e.g. copy)."""
         path = Path(world_dir) / "world.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: generated records need the world's seed and image size "
@@ -65,7 +66,9 @@ class GeneratedRecords(Sequence):
         if info.get("generator_version") != GENERATOR_VERSION:
             raise ValueError(f"{path} was written by generator {info.get('generator_version')}, this is "
                              f"{GENERATOR_VERSION}: generated records would not match its test split's world")
-        return cls(info["seed"], info["image_size"], n, families=list(info["families"]), **kwargs)
+        if bad := [f for f in train_only if f not in TRAIN_ONLY_FAMILIES]:
+            raise ValueError(f"train-only families {bad} unknown; choose from {list(TRAIN_ONLY_FAMILIES)}")
+        return cls(info["seed"], info["image_size"], n, families=list(info["families"]) + list(train_only), **kwargs)
 
     def __len__(self) -> int:
         return self.n
@@ -130,6 +133,7 @@ class GeneratedDataset(SupervisedDataset):
 
     @property
     def lengths(self) -> list[int]:
-        if self._lengths is None:  # every generated record has an image
-            self._lengths = [self.length_estimate(w, True) for w in self.records.words]
+        if self._lengths is None:  # every generated record but the plain-text ones has an image
+            self._lengths = [self.length_estimate(w, self.records.family(i) not in TEXT_FAMILIES)
+                             for i, w in enumerate(self.records.words)]
         return self._lengths

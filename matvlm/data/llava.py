@@ -30,6 +30,7 @@ from .records import (
     BadRecordError,
     DataError,
     find_image,
+    is_text_record,
     load_image,
     load_records,
     record_label,
@@ -47,6 +48,7 @@ __all__ = [
     "load_records",
     "validate_record",
     "find_image",
+    "is_text_record",
     "load_image",
     "check_segment_tokenization",
     "SupervisedDataset",
@@ -276,7 +278,10 @@ class SupervisedDataset(Dataset):
         def bad(reason: str) -> BadRecordError:
             return BadRecordError(self.source, label, reason)
 
-        segments = self.template.segments(record["conversations"])
+        if is_text_record(record):  # no template: the completion and its end token are supervised
+            segments = [(record.get("prompt", ""), False), (record["completion"] + (self.tokenizer.eos_token or ""), True)]
+        else:
+            segments = self.template.segments(record["conversations"])
         ids, labels = _tokenize_segments(segments, self.tokenizer, self._bos_id)
         expected = 1 if _has_image(record) else 0
         ids, labels, start = _expand_image(
@@ -370,7 +375,9 @@ class SupervisedDataset(Dataset):
 
 
 def record_words(record: Mapping[str, Any]) -> int:
-    """Whitespace words over a record's turns: a length estimate that needs no tokenizer."""
+    """Whitespace words over a record's turns (or prompt and completion): a length estimate that needs no tokenizer."""
+    if is_text_record(record):
+        return len(str(record.get("prompt", "")).split()) + len(str(record["completion"]).split())
     return sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
 
 

@@ -83,6 +83,12 @@ def record_label(record: Any, index: int | None) -> str | int | None:
     return index
 
 
+def is_text_record(record: Mapping[str, Any]) -> bool:
+    """A plain-text record: ``prompt`` + ``completion`` read without a chat template or image, the loss on the
+    completion (an LM's text data; the world's training-only `repeat` family)."""
+    return "conversations" not in record and "completion" in record
+
+
 def validate_record(
     record: Any,
     index: int | None = None,
@@ -97,6 +103,9 @@ def validate_record(
     (when ``require_answer``) ending with gpt; at most one ``image_token`` in the whole conversation,
     only in a human turn; exactly one when the record has ``image`` (a single relative path string),
     none when it has not (a placeholder without an image would give the model no features).
+
+    A plain-text record (`is_text_record`: ``completion`` and no ``conversations``, the prompt-completion
+    form of text data sets) has an optional string ``prompt``, a non-empty string ``completion`` and no image.
     """
     label = record_label(record, index)
 
@@ -111,6 +120,14 @@ def validate_record(
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
         raise bad(f"'id' must be a non-empty string or integer, got {rid!r}")
 
+    if is_text_record(record):
+        if not isinstance(record.get("prompt", ""), str):
+            raise bad("'prompt' must be a string")
+        if not isinstance(record["completion"], str) or not record["completion"].strip():
+            raise bad("'completion' must be a non-empty string")
+        if record.get("image") is not None:
+            raise bad("a plain-text record (prompt/completion) cannot have an 'image'")
+        return
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise bad("'conversations' must be a non-empty list")

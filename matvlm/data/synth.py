@@ -45,6 +45,16 @@ FAMILIES: dict[str, str] = {
     "multiturn": "exact",
     "recall": "exact",
 }
+# Training-only families: made for a teacher's training mix (`GeneratedRecords`), never written to a test split
+# nor scored. Without dense copying in its data a small LM never learns the recall look-up
+# (benchmarks/probes/recall_format.log, findings 13-14):
+# - repeat: plain text (a prompt-completion record, no chat template, no image): 8-24 words, then the same
+#   words again, the second copy supervised. In the probes this is what starts the look-up;
+# - copy: the same inside a chat record ("Repeat these words: ..." -> the words), which the probes learned as a
+#   copy without the look-up following.
+TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact"}
+TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
+COPY_WORDS = (8, 24)  # words a copy or repeat record repeats
 METRICS: tuple[str, ...] = ("exact", "vqa", "yesno", "mc", "caption")
 PRESENCE_SUBSETS: tuple[str, ...] = ("random", "popular", "adversarial")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -99,6 +109,7 @@ _FIELD_PATTERNS: dict[str, str] = {
     "attr": "color|shape",
     "color": _C,
     "noun": "|".join(RECALL_NOUNS),
+    "words": r"[a-z0-9]+(?: [a-z0-9]+)*",
     "facts": rf"(?: The key for the (?:{_C}) (?:{'|'.join(RECALL_NOUNS)}) is \d+\.)+",
 }
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -122,6 +133,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                 "What does the image show? Answer with one sentence."),
     "facts": ("Remember these facts.{facts}",),
     "recall": ("What is the key for the {color} {noun}?", "Which number is the key for the {color} {noun}?"),
+    "copy": ("Repeat these words: {words}", "Say these words again: {words}"),
 }
 
 
@@ -291,6 +303,8 @@ def _solve(question: str, scene: dict[str, Any], context: Sequence[str]) -> str:
         return caption_of(scene)
     if kind == "facts":
         return RECALL_ACK
+    if kind == "copy":
+        return f["words"]
     if kind == "recall":
         facts = {(c, n): v for turn in context for c, n, v in _FACT_RE.findall(turn)}
         return facts[(f["color"], f["noun"])]
@@ -745,10 +759,33 @@ def _fam_recall(g: _Gen, n_filler: int | None = None) -> _Draft:
                                                       "n_facts": len(keys)})
 
 
+# The words of questions and answers (colours, shapes, sizes, recall nouns, numbers): one token each.
+_WORLD_WORDS: tuple[str, ...] = (*COLORS, *SHAPES, *SIZES, *RECALL_NOUNS, *map(str, range(100)))
+
+
+def _repeat_record(world: _World, split: str, index: int) -> dict[str, Any]:
+    """Training only: a plain-text record of one-token world words (colours, shapes, sizes, recall nouns,
+    numbers) said twice, the second time as the completion."""
+    rng = random.Random(f"matvlm-synth:{world.seed}:{split}:{index}:repeat")
+    words = " ".join(rng.choice(_WORLD_WORDS) for _ in range(rng.randint(*COPY_WORDS)))
+    return {"id": f"{split}-{index:07d}", "prompt": " " + words, "completion": " " + words, "family": "repeat",
+            "metric": TRAIN_ONLY_FAMILIES["repeat"], "answers": [words], "kind": "repeat", "heldout": False}
+
+
+def _fam_copy(g: _Gen) -> _Draft:
+    """Training only: repeat 8-24 words drawn from the world's vocabulary (colours, shapes, sizes, recall nouns,
+    numbers, the training split's OCR words; never a held-out word). The image is a scene like any other."""
+    rng = g.rng
+    objs = g.place(g.objects(rng.randint(1, 6)))
+    pool = list(_WORLD_WORDS) + g.world.words(SHORT_WORDS + LONG_WORDS, heldout=False)
+    words = " ".join(rng.choice(pool) for _ in range(rng.randint(*COPY_WORDS)))
+    return _Draft([(g.ask("copy", words=words), words)], objs, kind="copy")
+
+
 _FAMILY_FUNCS = {
     "attribute": _fam_attribute, "count": _fam_count, "spatial": _fam_spatial, "ocr": _fam_ocr,
     "presence": _fam_presence, "mc": _fam_mc, "caption": _fam_caption, "multiturn": _fam_multiturn,
-    "recall": _fam_recall,
+    "recall": _fam_recall, "copy": _fam_copy,
 }
 
 
@@ -771,7 +808,10 @@ def _make_record(world: _World, split: str, index: int, family: str, k: int) -> 
 
 
 def make_record(world: _World, split: str, index: int, family: str, k: int) -> dict[str, Any]:
-    """One record without its image (its `scene` draws it); deterministic in (world, split, index)."""
+    """One record without its image (its `scene` draws it; a TEXT_FAMILIES record is plain text, with neither);
+    deterministic in (world, split, index)."""
+    if family in TEXT_FAMILIES:
+        return _repeat_record(world, split, index)
     rid = f"{split}-{index:07d}"
     for attempt in range(100):
         g = _Gen(world, split, f"{index}" if attempt == 0 else f"{index}/{attempt}", k)
@@ -789,8 +829,9 @@ def make_record(world: _World, split: str, index: int, family: str, k: int) -> d
     for t, (q, a) in enumerate(draft.turns):
         conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + q})
         conv.append({"from": "gpt", "value": a})
+    metric = (FAMILIES | TRAIN_ONLY_FAMILIES)[family]
     record = {"id": rid, "image": f"{split}/{rid}.png", "conversations": conv, "family": family,
-              "metric": FAMILIES[family], "answers": [draft.turns[-1][1]], "scene": scene, "kind": draft.kind,
+              "metric": metric, "answers": [draft.turns[-1][1]], "scene": scene, "kind": draft.kind,
               "heldout": _mentions_heldout(world, draft), **draft.extras}
     return record
 
@@ -830,7 +871,9 @@ def generate_world(out_dir: str | os.PathLike[str], n_train: int, n_test: int, s
     families = list(FAMILIES) if families is None else list(families)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
-        raise ValueError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}")
+        only = [f for f in unknown if f in TRAIN_ONLY_FAMILIES]
+        raise ValueError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}"
+                         + (f" ({only} are training-only: a teacher's train_only_families makes them)" if only else ""))
     if image_size < 64:
         raise ValueError("image_size must be >= 64 (text and small shapes become unreadable below)")
     if n_train < 0 or n_test < 0:
