@@ -279,7 +279,8 @@ class SupervisedDataset(Dataset):
             return BadRecordError(self.source, label, reason)
 
         if is_text_record(record):  # no template: the completion and its end token are supervised
-            segments = [(record.get("prompt", ""), False), (record["completion"] + (self.tokenizer.eos_token or ""), True)]
+            end = self.tokenizer.eos_token or ""
+            segments = [(record.get("prompt", ""), False), (record["completion"] + end, True)]
         else:
             segments = self.template.segments(record["conversations"])
         ids, labels = _tokenize_segments(segments, self.tokenizer, self._bos_id)
@@ -375,7 +376,7 @@ class SupervisedDataset(Dataset):
 
 
 def record_words(record: Mapping[str, Any]) -> int:
-    """Whitespace words over a record's turns (or prompt and completion): a length estimate that needs no tokenizer."""
+    """Whitespace words over a record's turns (or prompt and completion): a length estimate, no tokenizer."""
     if is_text_record(record):
         return len(str(record.get("prompt", "")).split()) + len(str(record["completion"]).split())
     return sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
