@@ -3,8 +3,8 @@
 # Usage: bash scripts/device_recall_probes.sh GPU MINUTES NAME=ARGS...   (logs: runs/probe_gpu_NAME.log)
 #   e.g. bash scripts/device_recall_probes.sh 3 12 word="--format word --eval-formats chat" chat="--format chat"
 # Each probe stops after MINUTES of training (plus start-up). The tokenizer is the shipped teacher's (numbers keep
-# their space since session 13). Session 13's 4-minute probes (chat, word) stayed at chance; the question for
-# longer ones is whether the look-up in the world's chat wording starts late or never.
+# their space since session 13). Session 13's 4-minute probes (chat, word) and session 14's 14-minute ones (chat,
+# codes, codes2) stayed at chance; bare repeats in the mix start the look-up (e.g. probe="--format repeat+chat").
 set -o pipefail
 source scripts/device_setup.sh
 GPU=${1:?usage: bash scripts/device_recall_probes.sh GPU MINUTES NAME=ARGS...}
