@@ -125,7 +125,7 @@ class TeacherConfig:
     generated_train: int = 0
     generated_start: int = 0  # with generated_train: records start .. start + N - 1 (a continuation's fresh records)
     # With generated_train: training-only families (synth.TRAIN_ONLY_FAMILIES) that join the world's in turn, e.g.
-    # ["copy"]; never scored. copy's dense copying forms the induction heads that the recall look-up needs.
+    # ["repeat"]; never scored. repeat's plain-text copying is what starts the recall look-up in the probes.
     train_only_families: list[str] = field(default_factory=list)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)

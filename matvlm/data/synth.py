@@ -55,6 +55,7 @@ FAMILIES: dict[str, str] = {
 TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact"}
 TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
 COPY_WORDS = (8, 24)  # words a copy or repeat record repeats
+_METRIC_OF: dict[str, str] = FAMILIES | TRAIN_ONLY_FAMILIES  # every family make_record can make
 METRICS: tuple[str, ...] = ("exact", "vqa", "yesno", "mc", "caption")
 PRESENCE_SUBSETS: tuple[str, ...] = ("random", "popular", "adversarial")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -829,9 +830,8 @@ def make_record(world: _World, split: str, index: int, family: str, k: int) -> d
     for t, (q, a) in enumerate(draft.turns):
         conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + q})
         conv.append({"from": "gpt", "value": a})
-    metric = (FAMILIES | TRAIN_ONLY_FAMILIES)[family]
     record = {"id": rid, "image": f"{split}/{rid}.png", "conversations": conv, "family": family,
-              "metric": metric, "answers": [draft.turns[-1][1]], "scene": scene, "kind": draft.kind,
+              "metric": _METRIC_OF[family], "answers": [draft.turns[-1][1]], "scene": scene, "kind": draft.kind,
               "heldout": _mentions_heldout(world, draft), **draft.extras}
     return record
 
