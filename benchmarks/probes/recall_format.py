@@ -263,7 +263,7 @@ def main() -> None:
                         "since session 13; session 12's runs used the one of commit 4d60861)")
     p.add_argument("--eval-formats", default="chat", help="comma list evaluated besides the training formats")
     p.add_argument("--arch", default="phi", choices=["phi", "llama"])
-    p.add_argument("--init", default="scratch")
+    p.add_argument("--init", default="scratch", help="scratch, teacher (the shipped one) or a teacher folder")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -302,8 +302,8 @@ def main() -> None:
         print(f"{f}: chance (pick a stated number) {chance:.3f}, first question {first:.3f}; example ({len(example)} tokens): "
               f"{' '.join(example)}", flush=True)
     model = build_model(args, len(enc.tok)).to(args.device)
-    print(f"model L{args.layers} d{args.hidden} h{args.heads}: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M "
-          "params", flush=True)
+    shape = f"L{args.layers} d{args.hidden} h{args.heads}" if args.init == "scratch" else f"the LM of {args.init}"
+    print(f"model {shape}: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     t0, losses, counter = time.time(), [], 0

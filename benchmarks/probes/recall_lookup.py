@@ -100,9 +100,10 @@ class Encoder:
 
 
 def build_model(args, vocab: int) -> torch.nn.Module:
-    if args.init == "teacher":
+    if args.init != "scratch":  # "teacher" (the shipped one) or a teacher folder: its LM, without the vision side
         from transformers import LlavaForConditionalGeneration
-        full = LlavaForConditionalGeneration.from_pretrained(TEACHER, dtype=torch.float32)
+        full = LlavaForConditionalGeneration.from_pretrained(TEACHER if args.init == "teacher" else args.init,
+                                                             dtype=torch.float32)
         cfg = full.config.text_config
         lm = PhiForCausalLM(cfg)
         lm.model.load_state_dict(full.model.language_model.state_dict())
@@ -175,7 +176,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--rotary", type=float, default=0.5)
-    p.add_argument("--init", default="scratch", choices=["scratch", "teacher"])
+    p.add_argument("--init", default="scratch", help="scratch, teacher (the shipped one) or a teacher folder")
     p.add_argument("--fillers", default="0-0", help="LO-HI or log; stages: '0-0:500,0-5' (steps per stage)")
     p.add_argument("--eval-fillers", default="", help="comma list of LO-HI sets to evaluate (default: last stage)")
     p.add_argument("--supervise", default="all", choices=["all", "final", "prompt"])
