@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,26 +25,29 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.data.generated import GeneratedRecords
 
-KEY_FACT = r"The key for the (\w+ \w+) is (\d+)\."
+KEY_FACT = re.compile(r"The key for the (\w+ \w+) is (\d+)\.")
+
+# (prompt, target, chance of a random stated number); a repeat record has no stated numbers to pick among.
+Pair = tuple[str, str, float]
 
 
-def text_pairs_repeat(data: Path, n: int, start: int) -> list[tuple[str, str, float]]:
-    records = GeneratedRecords.from_world(data, n * 10, train_only=["repeat"], start=start)
-    pairs = [(r["prompt"], r["completion"], 0.0) for r in records if r.get("family") == "repeat"]
-    return pairs[:n]
+def text_pairs_repeat(data: Path, n: int, start: int) -> list[Pair]:
+    records = GeneratedRecords.from_world(data, n * 16, train_only=["repeat"], start=start)
+    picked = [i for i in range(len(records)) if records.family(i) == "repeat"][:n]
+    return [(records[i]["prompt"], records[i]["completion"], 0.0) for i in picked]
 
 
-def text_pairs_lookup(data: Path, n: int) -> list[tuple[str, str, float]]:
-    import re
+def text_pairs_lookup(data: Path, n: int) -> list[Pair]:
     pairs = []
     for r in json.loads((data / "test.json").read_text()):
         if r.get("family") != "recall":
             continue
-        facts = re.findall(KEY_FACT, r["conversations"][0]["value"])
-        question = r["conversations"][-2]["value"]
-        key = next(k for k, _ in facts if k in question)
-        text = " ".join(f"{k} {v}" for k, v in facts)
-        pairs.append((f" {text} {key}", " " + r["answers"][0], 1 / len(facts)))
+        facts = dict(KEY_FACT.findall(r["conversations"][0]["value"]))
+        key = next(k for k in facts if k in r["conversations"][-2]["value"])
+        if facts[key] != r["answers"][0]:
+            raise ValueError(f"{r['id']}: the asked key {key!r} is {facts[key]}, the record's answer {r['answers'][0]}")
+        text = " ".join(f"{k} {v}" for k, v in facts.items())
+        pairs.append((f" {text} {key}", f" {facts[key]}", 1 / len(facts)))
     return pairs[:n]
 
 
