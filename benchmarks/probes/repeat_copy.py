@@ -52,7 +52,7 @@ def text_pairs_lookup(data: Path, n: int) -> list[Pair]:
 
 
 @torch.no_grad()
-def score(model, tokenizer, pairs: list[tuple[str, str, float]]) -> dict:
+def score(model, tokenizer, pairs: list[Pair]) -> dict:
     tokens = right_tokens = exact = 0
     for prompt, completion, _ in pairs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
