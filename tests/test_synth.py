@@ -308,6 +308,44 @@ def test_copy_records_repeat_training_words_only():
     assert numbers > 200  # numbers, the recall family's values, are among the copied words
 
 
+def test_recall_short_records_are_recall_with_few_filler_turns(tmp_path):
+    """The training-only recall_short family: the recall family's wording and answer, 0-3 filler turns (each
+    count made), deterministic, never written to a split."""
+    assert "recall_short" in TRAIN_ONLY_FAMILIES and "recall_short" not in FAMILIES
+    world = _World.make(SEED, 128)
+    records = [make_record(world, "train", i, "recall_short", i) for i in range(80)]
+    assert records[5] == make_record(world, "train", 5, "recall_short", 5)
+    assert {r["distance_turns"] for r in records} == {0, 1, 2, 3}
+    for r in records:
+        assert r["family"] == "recall_short" and r["kind"] == "recall" and r["metric"] == "exact"
+        assert len(r["conversations"]) == 2 * (r["distance_turns"] + 2)
+        assert "Remember these facts." in r["conversations"][0]["value"]
+        assert answer_from_scene(r) == r["answers"][0] == r["conversations"][-1]["value"]
+    with pytest.raises(ValueError, match="recall_short"):
+        generate_world(tmp_path, 1, 1, families=["recall_short"])
+
+
+def test_ocr_pseudo_records_show_made_up_words():
+    """The training-only ocr_pseudo family: the OCR question about a string of made-up words (never one of the
+    world's words), drawn on the image, recomputable from the scene, deterministic."""
+    assert "ocr_pseudo" in TRAIN_ONLY_FAMILIES and "ocr_pseudo" not in FAMILIES
+    world = _World.make(SEED, 128)
+    records = [make_record(world, "train", i, "ocr_pseudo", i) for i in range(100)]
+    assert records[3] == make_record(world, "train", 3, "ocr_pseudo", 3)
+    assert len({r["answers"][0] for r in records}) == len(records)
+    known = set(world.heldout_words) | {w for r in _records_of(world, "ocr") for w in r["answers"][0].split()}
+    for r in records:
+        answer = r["answers"][0]
+        assert r["family"] == "ocr_pseudo" and r["metric"] == "vqa" and r["text_type"] == "pseudo"
+        assert r["scene"]["text"]["string"] == answer == answer_from_scene(r) and 6 <= len(answer) <= 16
+        assert not known & set(answer.split())
+    assert sum(" " in r["answers"][0] for r in records) > 20  # two-part strings too
+
+
+def _records_of(world, family: str, n: int = 200) -> list[dict]:
+    return [make_record(world, "train", i, family, i) for i in range(n)]
+
+
 def test_repeat_records_are_plain_text_said_twice():
     """The training-only repeat family: a prompt-completion record (no scene, image or chat), its completion
     the prompt's words again, one-token world words only, deterministic."""

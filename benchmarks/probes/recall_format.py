@@ -70,7 +70,7 @@ def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], 
         return _chat_twice(enc, fmt == "twice", random.Random(f"{split}:{index}"))
     if fmt in ("codes", "codes2"):
         return _codes_chat(enc, fmt == "codes2", split, index)
-    turns, values = recall_record(split, index, 0, "near")
+    turns, values = recall_record(split, index, FILLER[0], "near")
     facts = FACT.findall(turns[0][0])
     color, noun = QUERY.search(turns[-1][0]).groups()
     answer = turns[-1][1]
@@ -107,6 +107,7 @@ def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], 
 
 QUERY_ORDER = ["perm"]  # set by --queries
 DROP_SPACE = [False]  # set by --drop-space
+FILLER: list[int | str] = [0]  # set by --filler
 
 
 def drop_number_spaces(enc: Encoder, item: tuple[list[int], list[int], list[int]]):
@@ -183,7 +184,7 @@ def _one_word_chat(enc: Encoder, every_key: bool, rng: random.Random) -> tuple[l
 def _codes_chat(enc: Encoder, two_words: bool, split: str, index: int) -> tuple[list[int], list[int], list[int]]:
     """Facts as "key value" pairs and an answer that names the key before its value, in the chat template."""
     if two_words:
-        turns, values = recall_record(split, index, 0, "near")
+        turns, values = recall_record(split, index, FILLER[0], "near")
         keys = [f"{c} {n}" for c, n, _ in FACT.findall(turns[0][0])]
         asked = keys.index(" ".join(QUERY.search(turns[-1][0]).groups()))
     else:
@@ -257,6 +258,8 @@ def main() -> None:
                    help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
     p.add_argument("--copy-pool", default="world", choices=["world", "short"],
                    help="copy: the world's word pool, or without its OCR words (one-token words only)")
+    p.add_argument("--filler", default="0",
+                   help="filler turns between the facts and the question: a number, or 'log' (the world's 0..96)")
     p.add_argument("--drop-space", action="store_true", help="remove the lone space token before every number")
     p.add_argument("--tokenizer", default=TEACHER,
                    help="tokenizer folder (default: the shipped teacher's, which keeps the space with the number "
@@ -279,6 +282,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     QUERY_ORDER[0] = args.queries
+    FILLER[0] = args.filler if args.filler == "log" else int(args.filler)
     if args.copy_pool == "short":  # _fam_copy reads these at call time; the probe makes no OCR record
         synth.SHORT_WORDS, synth.LONG_WORDS = (), ()
     enc = Encoder("digits", args.tokenizer)

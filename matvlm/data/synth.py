@@ -21,7 +21,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +51,13 @@ FAMILIES: dict[str, str] = {
 # - repeat: plain text (a prompt-completion record, no chat template, no image): 8-24 words, then the same
 #   words again, the second copy supervised. In the probes this is what starts the look-up;
 # - copy: the same inside a chat record ("Repeat these words: ..." -> the words), which the probes learned as a
-#   copy without the look-up following.
-TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact"}
+#   copy without the look-up following;
+# - recall_short: recall with 0-RECALL_SHORT_MAX_FILLER filler turns, a distance curriculum: the probe that learned
+#   the look-up had no filler turns, the teacher's recall stage with the world's 0-96 did not (session 16);
+# - ocr_pseudo: OCR of made-up words (consonant-vowel syllables), which no word prior can guess: session 16's
+#   teacher read every seen word but 37% of the held-out ones, often as a seen word of similar shape.
+TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact", "recall_short": "exact",
+                                       "ocr_pseudo": "vqa"}
 TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
 COPY_WORDS = (8, 24)  # words a copy or repeat record repeats
 _METRIC_OF: dict[str, str] = FAMILIES | TRAIN_ONLY_FAMILIES  # every family make_record can make
@@ -63,6 +68,7 @@ LETTERS = "ABCD"
 RECALL_ACK = "OK, I will remember them."
 RECALL_NOUNS: tuple[str, ...] = ("door", "box", "gate", "locker", "chest", "drawer", "safe", "cabinet")
 RECALL_MAX_FILLER_TURNS = 96  # about 1,000 words for the longest conversations
+RECALL_SHORT_MAX_FILLER = 3
 N_HELDOUT_PAIRS = 6
 HELDOUT_WORD_FRACTION = 0.2
 HELDOUT_TEST_RATE = 0.2  # share of test objects drawn from the held-out colour-shape pairs
@@ -621,8 +627,30 @@ def _ocr_string(g: _Gen) -> tuple[str, str]:
     return s, kind
 
 
-def _fam_ocr(g: _Gen) -> _Draft:
-    s, kind = _ocr_string(g)
+_KNOWN_WORDS = frozenset((*LONG_WORDS, *SHORT_WORDS, *COLORS, *SHAPES, *SIZES, *RECALL_NOUNS))
+_ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "cl", "dr", "fl",
+           "gr", "pl", "sh", "st", "tr", "ch", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "oo", "ou")
+_CODAS = ("", "", "", "n", "r", "l", "s", "t", "m", "ck", "nd", "st")
+
+
+def _pseudo_word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+def _pseudo_string(g: _Gen) -> tuple[str, str]:
+    """(string, type): one or two made-up words, or one and a number; never one of the world's words."""
+    rng = g.rng
+    s, r = _pseudo_word(rng, rng.randint(2, 3)), rng.random()
+    if r >= 0.5:
+        s += f" {_pseudo_word(rng, rng.randint(1, 2))}" if r < 0.8 else f" {rng.randint(1, 9999)}"
+    if not 6 <= len(s) <= 16 or set(s.split()) & _KNOWN_WORDS:
+        raise _Retry
+    return s, "pseudo"
+
+
+def _fam_ocr(g: _Gen, string: Callable[[_Gen], tuple[str, str]] = _ocr_string) -> _Draft:
+    s, kind = string(g)
     top = g.rng.random() < 0.5
     text = text_layout(s, g.size, top)
     if text is None:
@@ -773,6 +801,11 @@ def _repeat_record(world: _World, split: str, index: int) -> dict[str, Any]:
             "metric": TRAIN_ONLY_FAMILIES["repeat"], "answers": [words], "kind": "repeat", "heldout": False}
 
 
+def _fam_recall_short(g: _Gen) -> _Draft:
+    """Training only: a recall record with 0-RECALL_SHORT_MAX_FILLER filler turns."""
+    return _fam_recall(g, g.rng.randint(0, RECALL_SHORT_MAX_FILLER))
+
+
 def _fam_copy(g: _Gen) -> _Draft:
     """Training only: repeat 8-24 words drawn from the world's vocabulary (colours, shapes, sizes, recall nouns,
     numbers, the training split's OCR words; never a held-out word). The image is a scene like any other."""
@@ -786,7 +819,8 @@ def _fam_copy(g: _Gen) -> _Draft:
 _FAMILY_FUNCS = {
     "attribute": _fam_attribute, "count": _fam_count, "spatial": _fam_spatial, "ocr": _fam_ocr,
     "presence": _fam_presence, "mc": _fam_mc, "caption": _fam_caption, "multiturn": _fam_multiturn,
-    "recall": _fam_recall, "copy": _fam_copy,
+    "recall": _fam_recall, "copy": _fam_copy, "recall_short": _fam_recall_short,
+    "ocr_pseudo": lambda g: _fam_ocr(g, _pseudo_string),
 }
 
 
