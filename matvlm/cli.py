@@ -161,8 +161,8 @@ def teacher(
     fields.update(data=str(data), out=str(out))
     try:
         cfg = TeacherConfig(**fields)
-    except TypeError as err:
-        fail(f"bad teacher config: {err}")
+    except (TypeError, ValueError) as err:
+        fail(f"bad teacher config{f' {config}' if config else ''}: {err}")
     results = train_teacher(cfg, resume=resume)
     if results is not None:  # None in the other processes of a multi-GPU run
         console.print(results_table(results, title=f"teacher held-out scores ({out})"))

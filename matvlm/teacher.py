@@ -144,6 +144,14 @@ class TeacherConfig:
     bf16: bool = True
     save_dtype: str = "bfloat16"  # shipped weights: bf16 halves the size; loaders may upcast
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_records", "final_eval_records"):  # 0: off (eval) or all (final)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
 
 def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneration:
     special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -1,5 +1,7 @@
 """The command line: convert prints its table and writes a loadable hybrid; errors are clear."""
 
+import json
+
 import torch
 from typer.testing import CliRunner
 
@@ -64,3 +66,15 @@ def test_error_messages_keep_their_brackets():
     result = CliRunner().invoke(app, [])
     assert result.exit_code == 2
     assert "['a.weight', 'b.bias']" in result.output and "matvlm[lmms]" in result.output
+
+
+def test_teacher_refuses_a_bad_config_before_any_work(tmp_path):
+    config = tmp_path / "bad.json"
+    for fields, message in [({"save_every": 0}, "save_every must be >= 1"), ({"steps": -1}, "steps must be >= 1"),
+                            ({"eval_records": -5}, "eval_records must be >= 0"), ({"stpes": 5}, "stpes")]:
+        config.write_text(json.dumps(fields))
+        result = runner.invoke(app, ["teacher", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--config", str(config)])
+        assert result.exit_code == 2, (fields, result.output)
+        output = " ".join(result.output.split())  # the console wraps long lines
+        assert message in output and "bad.json" in output, (fields, output)
+    assert not (tmp_path / "t.run").exists()
