@@ -52,12 +52,18 @@ FORMATS = ["bare", "sentence", "chat", "chatmq", "tail", "echo", "single", "mqar
 
 
 def encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
-    """-> (ids, positions of the supervised number tokens, ids of the stated numbers)."""
-    item = _encode(enc, fmt, index, split)
+    """-> (ids, positions of the supervised number tokens, ids of the stated numbers). 'chat@6': the format with
+    6 filler turns (a number or 'log'), whatever --filler says."""
+    name, _, filler = fmt.partition("@")
+    item = _encode(enc, name, index, split, parse_filler(filler) if filler else FILLER[0])
     return drop_number_spaces(enc, item) if DROP_SPACE[0] else item
 
 
-def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], list[int], list[int]]:
+def parse_filler(text: str) -> int | str:
+    return text if text == "log" else int(text)
+
+
+def _encode(enc: Encoder, fmt: str, index: int, split: str, filler: int | str) -> tuple[list[int], list[int], list[int]]:
     if fmt in ("single", "mqar"):
         return _synthetic(enc, fmt, random.Random(f"{split}:{index}"))
     if fmt == "repeat":
@@ -69,8 +75,8 @@ def _encode(enc: Encoder, fmt: str, index: int, split: str) -> tuple[list[int], 
     if fmt in ("twice", "saytwice"):
         return _chat_twice(enc, fmt == "twice", random.Random(f"{split}:{index}"))
     if fmt in ("codes", "codes2"):
-        return _codes_chat(enc, fmt == "codes2", split, index)
-    turns, values = recall_record(split, index, FILLER[0], "near")
+        return _codes_chat(enc, fmt == "codes2", split, index, filler)
+    turns, values = recall_record(split, index, filler, "near")
     facts = FACT.findall(turns[0][0])
     color, noun = QUERY.search(turns[-1][0]).groups()
     answer = turns[-1][1]
@@ -181,10 +187,10 @@ def _one_word_chat(enc: Encoder, every_key: bool, rng: random.Random) -> tuple[l
     return seq, [i for i, (t, lab) in enumerate(zip(seq, labels)) if lab == t and t in nums], nums
 
 
-def _codes_chat(enc: Encoder, two_words: bool, split: str, index: int) -> tuple[list[int], list[int], list[int]]:
+def _codes_chat(enc: Encoder, two_words: bool, split: str, index: int, filler: int | str) -> tuple[list[int], list[int], list[int]]:
     """Facts as "key value" pairs and an answer that names the key before its value, in the chat template."""
     if two_words:
-        turns, values = recall_record(split, index, FILLER[0], "near")
+        turns, values = recall_record(split, index, filler, "near")
         keys = [f"{c} {n}" for c, n, _ in FACT.findall(turns[0][0])]
         asked = keys.index(" ".join(QUERY.search(turns[-1][0]).groups()))
     else:
@@ -253,7 +259,8 @@ def evaluate(model, items, device: str) -> tuple[float, float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--format", required=True, help=f"one of {FORMATS}, a mix ('mqar+chat') or stages, e.g. 'mqar:2000,chat'")
+    p.add_argument("--format", required=True, help=f"one of {FORMATS}, a mix ('mqar+chat') or stages, e.g. 'mqar:2000,chat'; "
+                   "'chat@6': with 6 filler turns")
     p.add_argument("--queries", default="perm", choices=["perm", "draw"],
                    help="multi-question formats: each key once (perm) or drawn with replacement (draw)")
     p.add_argument("--copy-pool", default="world", choices=["world", "short"],
@@ -282,7 +289,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     QUERY_ORDER[0] = args.queries
-    FILLER[0] = args.filler if args.filler == "log" else int(args.filler)
+    FILLER[0] = parse_filler(args.filler)
     if args.copy_pool == "short":  # _fam_copy reads these at call time; the probe makes no OCR record
         synth.SHORT_WORDS, synth.LONG_WORDS = (), ()
     enc = Encoder("digits", args.tokenizer)
@@ -296,7 +303,7 @@ def main() -> None:
     bounds = itertools_accumulate([n for n, _ in stages])
     trained = [f for _, spec in stages for f in spec.split("+")]
     names = list(dict.fromkeys(trained + [f for f in args.eval_formats.split(",") if f]))
-    if unknown := set(names) - set(FORMATS):
+    if unknown := {f.partition("@")[0] for f in names} - set(FORMATS):
         raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {FORMATS}")
     evals = {f: [encode(enc, f, 10**6 + i, "test") for i in range(args.eval_n)] for f in names}
     for f, items in evals.items():

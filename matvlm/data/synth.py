@@ -55,7 +55,7 @@ FAMILIES: dict[str, str] = {
 # - recall_short: recall with 0-RECALL_SHORT_MAX_FILLER filler turns, a distance curriculum: the probe that learned
 #   the look-up had no filler turns, the teacher's recall stage with the world's 0-96 did not (session 16);
 # - ocr_pseudo: OCR of made-up words (consonant-vowel syllables), which no word prior can guess: session 16's
-#   teacher read every seen word but 37% of the held-out ones, often as a seen word of similar shape.
+#   teacher read every seen word and none of the held-out ones, answering a seen word of similar shape.
 TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact", "recall_short": "exact",
                                        "ocr_pseudo": "vqa"}
 TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
