@@ -10,16 +10,11 @@ every seen word but a third of the held-out ones, often as a seen word of simila
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
-
-import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.eval.metrics import vqa_accuracy
-from matvlm.eval.runner import generate_answers, read_model_info
+from teacher_answers import answer_family, probe_args, report
 
 
 def summarise(records: list[dict], predictions: dict[str, str], heldout_words: set[str], examples: int = 20) -> dict:
@@ -41,23 +36,11 @@ def summarise(records: list[dict], predictions: dict[str, str], heldout_words: s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("teacher", type=Path)
-    parser.add_argument("--data", type=Path, default=Path("runs/world"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    records = [r for r in json.loads((args.data / "test.json").read_text()) if r.get("family") == "ocr"]
+    args = probe_args(__doc__)
+    records, predictions = answer_family(args.teacher, args.data, "ocr", args.batch_size)
     heldout_words = set(json.loads((args.data / "world.json").read_text())["heldout"]["ocr_words"])
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    model = LlavaForConditionalGeneration.from_pretrained(args.teacher, dtype=torch.float32)
-    template = read_model_info(args.teacher).get("template", "phi")
-    run = generate_answers(model, tokenizer, AutoImageProcessor.from_pretrained(args.teacher), records,
-                           [args.data / "images"], template, batch_size=args.batch_size)
-    result = {"teacher": str(args.teacher), **summarise(records, run.predictions, heldout_words)}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = {"teacher": str(args.teacher), **summarise(records, predictions, heldout_words)}
+    report(result, args.out)
 
 
 if __name__ == "__main__":

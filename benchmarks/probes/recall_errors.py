@@ -10,16 +10,10 @@ prints accuracy, the share of answers that are a stated number, the chance of a 
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from collections import defaultdict
-from pathlib import Path
 
-import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
-from matvlm.eval.runner import generate_answers, read_model_info
+from teacher_answers import answer_family, probe_args, report
 
 FACT = re.compile(r"The key for the \w+ \w+ is (\d+)\.")
 
@@ -63,22 +57,10 @@ def summarise(records: list[dict], predictions: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("teacher", type=Path)
-    parser.add_argument("--data", type=Path, default=Path("runs/world"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    records = [r for r in json.loads((args.data / "test.json").read_text()) if r.get("family") == "recall"]
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    model = LlavaForConditionalGeneration.from_pretrained(args.teacher, dtype=torch.float32)
-    template = read_model_info(args.teacher).get("template", "phi")
-    run = generate_answers(model, tokenizer, AutoImageProcessor.from_pretrained(args.teacher), records,
-                           [args.data / "images"], template, batch_size=args.batch_size)
-    result = {"teacher": str(args.teacher), **summarise(records, run.predictions)}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args = probe_args(__doc__)
+    records, predictions = answer_family(args.teacher, args.data, "recall", args.batch_size)
+    result = {"teacher": str(args.teacher), **summarise(records, predictions)}
+    report(result, args.out)
 
 
 if __name__ == "__main__":
