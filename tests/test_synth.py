@@ -333,17 +333,14 @@ def test_ocr_pseudo_records_show_made_up_words():
     records = [make_record(world, "train", i, "ocr_pseudo", i) for i in range(100)]
     assert records[3] == make_record(world, "train", 3, "ocr_pseudo", 3)
     assert len({r["answers"][0] for r in records}) == len(records)
-    known = set(world.heldout_words) | {w for r in _records_of(world, "ocr") for w in r["answers"][0].split()}
+    ocr = [make_record(world, "train", i, "ocr", i) for i in range(200)]
+    known = set(world.heldout_words) | {w for r in ocr for w in r["answers"][0].split()}
     for r in records:
         answer = r["answers"][0]
         assert r["family"] == "ocr_pseudo" and r["metric"] == "vqa" and r["text_type"] == "pseudo"
         assert r["scene"]["text"]["string"] == answer == answer_from_scene(r) and 6 <= len(answer) <= 16
         assert not known & set(answer.split())
     assert sum(" " in r["answers"][0] for r in records) > 20  # two-part strings too
-
-
-def _records_of(world, family: str, n: int = 200) -> list[dict]:
-    return [make_record(world, "train", i, family, i) for i in range(n)]
 
 
 def test_repeat_records_are_plain_text_said_twice():

@@ -5,7 +5,7 @@
 Reads the held-out OCR records (test.json), answers them greedily (matvlm.eval.runner.generate_answers), scores
 them with the evaluator's VQA accuracy and prints it by text type (word, phrase, number, code) and by whether the
 string holds one of the world's held-out OCR words (world.json), plus misread examples. Session 16's teacher read
-every seen word but a third of the held-out ones, often as a seen word of similar shape.
+every seen word and none of the held-out ones, answering a seen word of similar shape.
 """
 
 from __future__ import annotations

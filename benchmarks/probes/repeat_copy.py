@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.data.generated import GeneratedRecords
+from teacher_answers import report
 
 KEY_FACT = re.compile(r"The key for the (\w+ \w+) is (\d+)\.")
 
@@ -80,9 +81,7 @@ def main() -> None:
     result = {"teacher": str(args.teacher),
               "repeat": score(model, tokenizer, text_pairs_repeat(args.data, args.n, args.start)),
               "lookup": score(model, tokenizer, text_pairs_lookup(args.data, args.n))}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

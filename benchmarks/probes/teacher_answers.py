@@ -34,6 +34,7 @@ def probe_args(doc: str) -> argparse.Namespace:
 
 
 def report(result: dict, out: Path | None) -> None:
-    print(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    print(text)
     if out:
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(text + "\n")
