@@ -40,3 +40,15 @@ def test_recall_errors_counts_stated_numbers_and_chance():
     assert out["chance_of_a_random_stated_number"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
     assert out["by_facts"] == {"2": {"accuracy": 0.5, "n": 2}, "3": {"accuracy": 0.0, "n": 1}}
     assert out["by_distance_words"]["<50"] == {"accuracy": 0.5, "n": 2}
+
+
+def test_recall_errors_says_which_wrong_fact_is_picked():
+    # Facts: red door 3 (asked), red box 7, blue door 9. The answer 9 shares the noun, is last, not first.
+    facts = " The key for the red door is 3. The key for the red box is 7. The key for the blue door is 9."
+    record = {"id": "a", "answers": ["3"], "distance": 0,
+              "conversations": [{"from": "human", "value": "<image>\nRemember these facts." + facts}]}
+    picks = recall_errors.summarise([record], {"a": "9"})["wrong_stated_picks"]
+    assert picks["n"] == 1
+    assert picks["same noun"] == {"share": 1.0, "random_wrong_pick": 0.5}
+    assert picks["same colour"] == {"share": 0.0, "random_wrong_pick": 0.5}
+    assert picks["last"]["share"] == 1.0 and picks["first"] == {"share": 0.0, "random_wrong_pick": 0.0}
