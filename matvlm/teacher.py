@@ -118,6 +118,10 @@ class TeacherConfig:
     # {"steps": N, "families": [...], "max_words": W}: N batches from those families' records of at most W words
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
+    # Batches of similar lengths (less padding). Lengths follow the family, so grouped batches hold one or two
+    # families each; false draws every batch at random from the mix, as the recall probes that learn the look-up
+    # do (recall and repeat records in the same batches), at the cost of padding.
+    length_grouped: bool = True
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     # Train on this many of the world's training records, made on demand in the loader's workers (record i is the
     # one `data synth --train N` writes as i) instead of DATA/train.json, which then only trains a new tokenizer.
@@ -312,7 +316,7 @@ def record_word_counts(records: Sequence[dict]) -> list[int]:
 def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> EpochOrder | SubsetOrder:
     """The main stage's batch order: every record once per epoch, or repeated by `cfg.family_weights`."""
     if not cfg.family_weights:
-        return EpochOrder(lengths, cfg.batch_size, cfg.seed)
+        return EpochOrder(lengths, cfg.batch_size, cfg.seed, cfg.length_grouped)
     families = record_families(records)
     known = set(families)
     for family, weight in cfg.family_weights.items():
@@ -321,7 +325,7 @@ def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> 
         if not isinstance(weight, int) or weight < 0:
             raise ValueError(f"family_weights[{family!r}] must be a whole number >= 0, got {weight!r}")
     repeated = [i for i, f in enumerate(families) for _ in range(cfg.family_weights.get(f, 1))]
-    return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed)
+    return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed, cfg.length_grouped)
 
 
 def compiled_forward(model: LlavaForConditionalGeneration, how: bool | str):
@@ -357,7 +361,8 @@ def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig
         if len(picked) < cfg.batch_size:
             raise ValueError(f"curriculum stage {n} {stage} matches {len(picked)} training records, "
                              f"fewer than one batch of {cfg.batch_size}")
-        order = StagedOrder(SubsetOrder(picked, lengths, cfg.batch_size, cfg.seed + n), stage["steps"], order)
+        order = StagedOrder(SubsetOrder(picked, lengths, cfg.batch_size, cfg.seed + n, cfg.length_grouped),
+                             stage["steps"], order)
     return order
 
 

@@ -66,13 +66,15 @@ class EpochOrder:
 
     Batch k of a run is always the same list of indices for the same (lengths, batch_size, seed), so a
     resumed run sees exactly the batches an uninterrupted one would. Within an epoch the order is the
-    length-grouped shuffle of `LengthGroupedSampler` (similar lengths share a batch: less padding).
+    length-grouped shuffle of `LengthGroupedSampler` (similar lengths share a batch: less padding), or with
+    `grouped=False` a plain shuffle (every batch a random draw: records of different lengths, and so of different
+    kinds, share batches).
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouped: bool = True):
         if len(lengths) < batch_size:
             raise ValueError(f"{len(lengths)} records are fewer than one batch of {batch_size}")
-        self.sampler = LengthGroupedSampler(lengths, batch_size, seed=seed)
+        self.sampler = LengthGroupedSampler(lengths, batch_size, seed=seed, mega_batch_mult=None if grouped else 1)
         self.batch_size = batch_size
         self.batches_per_epoch = len(lengths) // batch_size  # the last partial batch is dropped
 
@@ -94,9 +96,9 @@ class EpochOrder:
 class SubsetOrder:
     """An `EpochOrder` over some of the records; yields indices into the whole data set."""
 
-    def __init__(self, indices: list[int], lengths: list[int], batch_size: int, seed: int):
+    def __init__(self, indices: list[int], lengths: list[int], batch_size: int, seed: int, grouped: bool = True):
         self.indices = list(indices)
-        self.order = EpochOrder([lengths[i] for i in self.indices], batch_size, seed)
+        self.order = EpochOrder([lengths[i] for i in self.indices], batch_size, seed, grouped)
         self.batch_size = batch_size
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[int, list[int]]]:

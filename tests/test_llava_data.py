@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import random
@@ -623,3 +624,17 @@ def test_all_digit_groups_split_every_number_the_same_way():
     assert threes.tokenize("3331587054") == ["333", "158", "705", "4"]
     with pytest.raises(ValueError, match="all_digit_groups"):
         train_tokenizer(texts, vocab_size=300, template="phi_short", digit_group=2, all_digit_groups=True)
+
+
+def test_length_grouped_batches_come_in_random_order():
+    # Two kinds of record whose lengths differ, as the world's families do: a batch holds one kind (but where a
+    # mega-batch turns from one to the other), and the batch order interleaves them (not a run of every long
+    # batch, then every short one).
+    lengths = [100 + i % 7 for i in range(400)] + [10 + i % 7 for i in range(400)]
+    bs = 8
+    order = LengthGroupedSampler(lengths, bs, seed=0).indices()  # 4 mega-batches of 25 batches
+    batches = [order[k:k + bs] for k in range(0, len(order), bs)]
+    assert sum(len({lengths[i] >= 100 for i in b}) > 1 for b in batches) <= 5
+    kinds = [sum(lengths[i] >= 100 for i in b) > bs // 2 for b in batches]
+    runs = [len(list(run)) for _, run in itertools.groupby(kinds)]
+    assert len(runs) > 30 and max(runs) < 15  # of 100 batches; sorted mega-batches gave runs of ~25

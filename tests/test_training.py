@@ -55,6 +55,17 @@ def test_epoch_order_resumes_at_any_batch():
         EpochOrder([1, 2], batch_size=4, seed=0)
 
 
+def test_epoch_order_ungrouped_mixes_lengths_in_a_batch():
+    # Two kinds of record, short and long, as repeat and recall records are: length-grouped batches hold one
+    # kind each; ungrouped ones draw from both.
+    lengths = [10] * 200 + [100] * 200
+    mixed = {False: 0, True: 0}
+    for grouped in (True, False):
+        batches = EpochOrder(lengths, batch_size=8, seed=0, grouped=grouped).epoch_batches(0)
+        assert sorted(i for b in batches for i in b) == list(range(400))  # every record once an epoch
+        mixed[grouped] = sum(len({lengths[i] for i in b}) > 1 for b in batches)
+    assert mixed[True] <= 8 and mixed[False] >= 40  # of 50 (grouped: a switch a mega-batch; the longest-first swap)
+
 def test_micro_batches_give_the_same_gradient():
     model = tiny_llava("phi").train()
     cfg = model.config

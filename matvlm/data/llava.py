@@ -516,8 +516,9 @@ def generation_inputs(
 # --------------------------------------------------------------------------- sampler
 class LengthGroupedSampler(Sampler[int]):
     """Shuffles, then sorts by length inside mega-batches of ``batch_size * mega_batch_mult``
-    indices, so each batch holds similar lengths (less padding) while batch order stays random.
-    The batch holding the longest sequence comes first, so an out-of-memory shows up at step 0.
+    indices, so each batch holds similar lengths (less padding), then shuffles the batches, so that
+    batch order stays random. The batch holding the longest sequence comes first, so an out-of-memory
+    shows up at step 0.
 
     Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` each epoch for a new order. Every
     index is yielded exactly once per epoch. Use with ``DataLoader(batch_size=batch_size)``; when
@@ -555,17 +556,22 @@ class LengthGroupedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=g).tolist()
         size = self.batch_size * self.mega_batch_mult
-        megas = [
-            sorted(perm[i : i + size], key=lambda k: self.lengths[k], reverse=True)
-            for i in range(0, len(perm), size)
-        ]
-        if not megas:
+        ordered = [i for k in range(0, len(perm), size)
+                   for i in sorted(perm[k : k + size], key=lambda i: self.lengths[i], reverse=True)]
+        if not ordered:
             return []
-        # Longest item to the very front (each mega-batch is sorted, so its head is its longest);
-        # swapping single items keeps every batch boundary where it was.
-        longest = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
-        megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
-        return [i for mega in megas for i in mega]
+        b = self.batch_size
+        batches = [ordered[k : k + b] for k in range(0, len(ordered), b)]
+        tail = [batches.pop()] if len(batches[-1]) < b else []  # a partial batch stays last
+        # Batches in random order: a mega-batch read in its sorted order would run from its longest records to
+        # its shortest, and the world's lengths follow the family, so a run would see tens of steps of one family,
+        # then tens of another (session 17: 25 steps of recall, then 25 of repeat).
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()] + tail
+        order = [i for batch in batches for i in batch]
+        # The longest record to the very front (swapping two items keeps every batch boundary where it was).
+        longest = max(range(len(order)), key=lambda k: self.lengths[order[k]])
+        order[0], order[longest] = order[longest], order[0]
+        return order
 
 
 # --------------------------------------------------------------------------- images
