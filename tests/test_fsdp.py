@@ -128,7 +128,11 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool, bf16: bool = False) 
     assert first["whole_splits"] > 0  # the uneven micro-batch case did happen
     whole = torch.tensor(first["whole"], dtype=torch.float64)
     curve_tol = dict(rtol=2e-3, atol=1e-5) if mixed else dict(rtol=1e-5, atol=1e-7)  # bf16 matmuls
-    torch.testing.assert_close(whole, torch.tensor([r[:6] for r in base], dtype=torch.float64), **curve_tol)
+    expected = torch.tensor([r[:6] for r in base], dtype=torch.float64)
+    torch.testing.assert_close(whole[:, :5], expected[:, :5], **curve_tol)  # step, loss, layer, kl, ce
+    # The gradient norm sums bf16 gradients reduced in another order when sharded: up to ~1 bf16 ulp (2^-8) apart
+    # (0.46% on one step of session 17's batch order).
+    torch.testing.assert_close(whole[:, 5], expected[:, 5], **(dict(rtol=1e-2, atol=1e-5) if mixed else curve_tol))
 
     # Held-out evaluation runs on both ranks (generation kept in step across them); on the CPU (float32)
     # it gives the same answers as one process.
@@ -150,16 +154,25 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool, bf16: bool = False) 
     mixers = tuple(f"model.language_model.layers.{i}.self_attn." for i in ref.config.mamba_layers)
     trained = [k for k in ref_sd if k.startswith(mixers)]
     assert trained
+    mixed_diff, mixed_norm = {"fsdp": 0.0, "resumed": 0.0}, 0.0
     for k, v in ref_sd.items():
         if k in trained or "multi_modal_projector" in k:
-            if mixed:  # bf16 compute and bf16 files: whole tensors close (a misplaced shard is far off)
-                for other in (fsdp_sd[k], resumed_sd[k]):
-                    assert (other.float() - v.float()).norm() <= 1e-2 * v.float().norm(), k
+            if mixed:  # bf16 compute and bf16 files: close over all trained tensors, and each within 10% (a
+                # misplaced shard is ~140% off). Small tensors that start near 0 can be further apart than the
+                # whole: where a gradient is ~0, bf16 rounding can flip the sign of an Adam step (session 17:
+                # one element of a conv1d bias, 7.5% of its norm; every other tensor within 1%).
+                for name, other in (("fsdp", fsdp_sd[k]), ("resumed", resumed_sd[k])):
+                    diff, norm = (other.float() - v.float()).norm().item(), v.float().norm().item()
+                    assert diff <= 0.1 * norm, (name, k, diff / norm)
+                    mixed_diff[name] += diff ** 2
+                mixed_norm += norm ** 2
             else:
                 torch.testing.assert_close(fsdp_sd[k], v, rtol=1e-5, atol=1e-6, msg=k)
                 assert torch.equal(resumed_sd[k], fsdp_sd[k]), k
         else:
             assert torch.equal(fsdp_sd[k], v) and torch.equal(resumed_sd[k], v), k  # frozen: bit for bit
+    if mixed:
+        assert max(mixed_diff.values()) <= 1e-2 ** 2 * mixed_norm, (mixed_diff, mixed_norm)
     dtypes = [json.loads((tmp_path / d / "config.json").read_text())["dtype"] for d in ("base", "fsdp")]
     assert dtypes == ["bfloat16" if mixed else "float32"] * 2
 
