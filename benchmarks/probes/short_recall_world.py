@@ -1,0 +1,44 @@
+"""Write a probe world whose held-out split is short recall records only, so that a teacher run's periodic
+evaluation (or `matvlm eval`) measures the look-up where distance does not hide it.
+
+    python benchmarks/probes/short_recall_world.py runs/world runs/world_short_recall [--n 120]
+
+OUT gets WORLD's world.json, a test.json of N records of the training-only recall_short family (0-3 filler
+turns; named "recall" so that the evaluator scores them as recall) drawn in a split of their own ("probe", never
+a training split), and their images. A teacher run pointed at OUT (`--data OUT` with `generated_train`) trains on
+generated records as usual and evaluates on these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from matvlm.data import synth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("world", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--n", type=int, default=120)
+    args = parser.parse_args()
+    meta = json.loads((args.world / "world.json").read_text())
+    world = synth._World.make(meta["seed"], meta["image_size"])
+    (args.out / "images" / "probe").mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.world / "world.json", args.out / "world.json")
+    records = []
+    for i in range(args.n):
+        record, image = synth._make_record(world, "probe", i, "recall_short", i)
+        image.save(args.out / "images" / record["image"])
+        records.append({**record, "family": "recall"})
+    (args.out / "test.json").write_text(json.dumps(records))
+    turns = [r["distance_turns"] for r in records]
+    print(f"wrote {len(records)} short recall records to {args.out} (filler turns: "
+          + ", ".join(f"{k}: {turns.count(k)}" for k in sorted(set(turns))) + ")")
+
+
+if __name__ == "__main__":
+    main()
