@@ -308,21 +308,22 @@ def test_copy_records_repeat_training_words_only():
     assert numbers > 200  # numbers, the recall family's values, are among the copied words
 
 
-def test_recall_short_records_are_recall_with_few_filler_turns(tmp_path):
-    """The training-only recall_short family: the recall family's wording and answer, 0-3 filler turns (each
-    count made), deterministic, never written to a split."""
-    assert "recall_short" in TRAIN_ONLY_FAMILIES and "recall_short" not in FAMILIES
+@pytest.mark.parametrize("family,turns", [("recall_short", {0, 1, 2, 3}), ("recall_next", {0})])
+def test_short_recall_families_are_recall_with_few_filler_turns(tmp_path, family, turns):
+    """The training-only recall_short (0-3 filler turns, each count made) and recall_next (none) families: the
+    recall family's wording and answer, deterministic, never written to a split."""
+    assert family in TRAIN_ONLY_FAMILIES and family not in FAMILIES
     world = _World.make(SEED, 128)
-    records = [make_record(world, "train", i, "recall_short", i) for i in range(80)]
-    assert records[5] == make_record(world, "train", 5, "recall_short", 5)
-    assert {r["distance_turns"] for r in records} == {0, 1, 2, 3}
+    records = [make_record(world, "train", i, family, i) for i in range(80)]
+    assert records[5] == make_record(world, "train", 5, family, 5)
+    assert {r["distance_turns"] for r in records} == turns
     for r in records:
-        assert r["family"] == "recall_short" and r["kind"] == "recall" and r["metric"] == "exact"
+        assert r["family"] == family and r["kind"] == "recall" and r["metric"] == "exact"
         assert len(r["conversations"]) == 2 * (r["distance_turns"] + 2)
         assert "Remember these facts." in r["conversations"][0]["value"]
         assert answer_from_scene(r) == r["answers"][0] == r["conversations"][-1]["value"]
-    with pytest.raises(ValueError, match="recall_short"):
-        generate_world(tmp_path, 1, 1, families=["recall_short"])
+    with pytest.raises(ValueError, match=family):
+        generate_world(tmp_path, 1, 1, families=[family])
 
 
 def test_ocr_pseudo_records_show_made_up_words():

@@ -54,10 +54,13 @@ FAMILIES: dict[str, str] = {
 #   copy without the look-up following;
 # - recall_short: recall with 0-RECALL_SHORT_MAX_FILLER filler turns, a distance curriculum: the probe that learned
 #   the look-up had no filler turns, the teacher's recall stage with the world's 0-96 did not (session 16);
+# - recall_next: recall with no filler turn, the question right after the facts' acknowledgement: with 0-3 filler
+#   turns neither the teacher (session 17, 600 CPU steps) nor the probe from the same LM (finding 22) started the
+#   look-up where the probe with none did (finding 17);
 # - ocr_pseudo: OCR of made-up words (consonant-vowel syllables), which no word prior can guess: session 16's
 #   teacher read every seen word and none of the held-out ones, answering a seen word of similar shape.
 TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact", "recall_short": "exact",
-                                       "ocr_pseudo": "vqa"}
+                                       "recall_next": "exact", "ocr_pseudo": "vqa"}
 TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
 COPY_WORDS = (8, 24)  # words a copy or repeat record repeats
 _METRIC_OF: dict[str, str] = FAMILIES | TRAIN_ONLY_FAMILIES  # every family make_record can make
@@ -820,6 +823,7 @@ _FAMILY_FUNCS = {
     "attribute": _fam_attribute, "count": _fam_count, "spatial": _fam_spatial, "ocr": _fam_ocr,
     "presence": _fam_presence, "mc": _fam_mc, "caption": _fam_caption, "multiturn": _fam_multiturn,
     "recall": _fam_recall, "copy": _fam_copy, "recall_short": _fam_recall_short,
+    "recall_next": lambda g: _fam_recall(g, 0),
     "ocr_pseudo": lambda g: _fam_ocr(g, _pseudo_string),
 }
 
