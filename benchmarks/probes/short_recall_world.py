@@ -1,11 +1,11 @@
 """Write a probe world whose held-out split is short recall records only, so that a teacher run's periodic
 evaluation (or `matvlm eval`) measures the look-up where distance does not hide it.
 
-    python benchmarks/probes/short_recall_world.py runs/world runs/world_short_recall [--n 120]
+    python benchmarks/probes/short_recall_world.py runs/world runs/world_short_recall [--n 120] [--family F]
 
-OUT gets WORLD's world.json, a test.json of N records of the training-only recall_short family (0-3 filler
-turns; named "recall" so that the evaluator scores them as recall) drawn in a split of their own ("probe", never
-a training split), and their images. A teacher run pointed at OUT (`--data OUT` with `generated_train`) trains on
+OUT gets WORLD's world.json, a test.json of N records of a training-only short recall family (recall_short: 0-3
+filler turns, the default; recall_next: none; named "recall" so that the evaluator scores them as recall) drawn
+in a split of their own ("probe", never a training split), and their images. A teacher run pointed at OUT (`--data OUT` with `generated_train`) trains on
 generated records as usual and evaluates on these.
 """
 
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("world", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--n", type=int, default=120)
+    parser.add_argument("--family", default="recall_short", choices=["recall_short", "recall_next"])
     args = parser.parse_args()
     meta = json.loads((args.world / "world.json").read_text())
     world = synth._World.make(meta["seed"], meta["image_size"])
@@ -31,12 +32,12 @@ def main() -> None:
     shutil.copy(args.world / "world.json", args.out / "world.json")
     records = []
     for i in range(args.n):
-        record, image = synth._make_record(world, "probe", i, "recall_short", i)
+        record, image = synth._make_record(world, "probe", i, args.family, i)
         image.save(args.out / "images" / record["image"])
         records.append({**record, "family": "recall"})
     (args.out / "test.json").write_text(json.dumps(records))
     turns = [r["distance_turns"] for r in records]
-    print(f"wrote {len(records)} short recall records to {args.out} (filler turns: "
+    print(f"wrote {len(records)} {args.family} records to {args.out} (filler turns: "
           + ", ".join(f"{k}: {turns.count(k)}" for k in sorted(set(turns))) + ")")
 
 
