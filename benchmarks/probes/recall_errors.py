@@ -59,7 +59,8 @@ def summarise(records: list[dict], predictions: dict[str, str]) -> dict:
         stated += answer in numbers
         chance += 1 / len(numbers)
         if not ok and answer in numbers and r["answers"][0] in numbers:
-            asked, wrong = numbers.index(r["answers"][0]), [i for i in range(len(facts)) if numbers[i] != r["answers"][0]]
+            asked = numbers.index(r["answers"][0])  # the values are distinct (drawn without replacement)
+            wrong = [i for i in range(len(facts)) if i != asked]
             wrong_stated += 1
             for trait in _wrong_pick_traits(facts, asked, numbers.index(answer)):
                 picked[trait] += 1

@@ -5,8 +5,8 @@ evaluation (or `matvlm eval`) measures the look-up where distance does not hide 
 
 OUT gets WORLD's world.json, a test.json of N records of a training-only short recall family (recall_short: 0-3
 filler turns, the default; recall_next: none; named "recall" so that the evaluator scores them as recall) drawn
-in a split of their own ("probe", never a training split), and their images. A teacher run pointed at OUT (`--data OUT` with `generated_train`) trains on
-generated records as usual and evaluates on these.
+in a split of their own ("probe", never a training split), and their images. A teacher run pointed at OUT
+(`--data OUT` with `generated_train`) trains on generated records as usual and evaluates on these.
 """
 
 from __future__ import annotations
