@@ -106,6 +106,7 @@ class TeacherConfig:
     # both keep the weight decay per step that they have at 1.0
     position_init_std: float = 0.0  # SigLIP's position table starts N(0, this**2) per entry (0: SigLIP's own init)
     warmup: float = 0.03
+    lr_schedule: str = "cosine"  # cosine (to 10% of peak) | constant (the recall probes' schedule), after warm-up
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_records: int = 1024  # periodic evaluation on the first N held-out records
@@ -131,6 +132,10 @@ class TeacherConfig:
     # With generated_train: training-only families (synth.TRAIN_ONLY_FAMILIES) that join the world's in turn, e.g.
     # ["repeat"]; never scored. repeat's plain-text copying is what starts the recall look-up in the probes.
     train_only_families: list[str] = field(default_factory=list)
+    # With generated_train: these families' records come without their image (chat text only, as the recall
+    # probes train), and these supervise only their final answer (not e.g. recall's "OK, I will remember them.")
+    text_only_families: list[str] = field(default_factory=list)
+    final_answer_families: list[str] = field(default_factory=list)
     compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
     # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
     # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
@@ -155,6 +160,9 @@ class TeacherConfig:
         for name in ("eval_every", "eval_records", "final_eval_records"):  # 0: off (eval) or all (final)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        lr_factor(0, 1, shape=self.lr_schedule)  # names the schedule if unknown
+        if (self.text_only_families or self.final_answer_families) and not self.generated_train:
+            raise ValueError("text_only_families and final_answer_families apply to generated records: set generated_train")
 
 
 def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneration:
@@ -425,7 +433,8 @@ def training_records(cfg: TeacherConfig, run_dir: Path, progress: bool = True) -
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         sizing_workers = max(cfg.num_workers, (os.cpu_count() or 1) // local_world)
         return GeneratedRecords.from_world(data, cfg.generated_train, train_only=cfg.train_only_families,
-                                           workers=sizing_workers, progress=progress, start=cfg.generated_start), []
+                                           workers=sizing_workers, progress=progress, start=cfg.generated_start,
+                                           text_only=cfg.text_only_families), []
     if cfg.train_only_families:
         raise ValueError("train_only_families are made on demand: they need generated_train")
     records, images = load_records(data / "train.json"), [data / "images"]
@@ -479,7 +488,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     pixel_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
     items = dict(num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
     if cfg.generated_train:
-        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype, **items)
+        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype,
+                                   final_answer_families=cfg.final_answer_families, **items)
     else:
         dataset = SupervisedDataset(train_records, images, tokenizer, image_processor, cfg.template,
                                     source=data / "train.json", **items)
@@ -552,7 +562,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
         # plain-text records a process's rows may hold no image, and DDP must then look for unused parameters.
         for p in params_without_gradient(model):
             p.requires_grad_(False)
-        text_rows = any(f in TEXT_FAMILIES for f in cfg.train_only_families)
+        text_rows = any(f in TEXT_FAMILIES for f in cfg.train_only_families) or bool(cfg.text_only_families)
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=text_rows)
     profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
@@ -564,7 +574,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     for batch in loader:
         profiler.begin(step + 1)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg.steps, cfg.warmup, shape="cosine")
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg.steps, cfg.warmup, shape=cfg.lr_schedule)
         # Mean CE over every answer token of the whole (global) batch, however it is split into micro-batches
         # and processes. DDP averages gradients over processes, so each scales its share by their number.
         num_targets: int | torch.Tensor = int((batch["labels"][:, 1:] != -100).sum())

@@ -33,13 +33,15 @@ def lr_factor(step: int, total: int, warmup: float = 0.1, decay: float = 0.1, sh
     """Multiplier of the peak learning rate at `step` (0-based) of `total`.
 
     wsd: linear warmup over the first `warmup` fraction, constant, then linear decay to 0 over the last
-    `decay` fraction. cosine: warmup, then cosine decay to 10% of peak.
+    `decay` fraction. cosine: warmup, then cosine decay to 10% of peak. constant: warmup, then the peak.
     """
-    if shape not in ("wsd", "cosine"):
-        raise ValueError(f"unknown schedule {shape!r}; choose wsd or cosine")
+    if shape not in ("wsd", "cosine", "constant"):
+        raise ValueError(f"unknown schedule {shape!r}; choose wsd, cosine or constant")
     warm_steps = max(1, int(round(warmup * total)))
     if step < warm_steps:
         return (step + 1) / warm_steps
+    if shape == "constant":
+        return 1.0
     if shape == "wsd":
         decay_steps = max(1, int(round(decay * total)))
         start = total - decay_steps

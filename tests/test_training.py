@@ -27,6 +27,8 @@ def test_wsd_schedule_shape():
     assert f[90] == pytest.approx(1.0) and f[99] == pytest.approx(0.1) and f[95] < f[90]
     cos = [lr_factor(s, 100, warmup=0.1, shape="cosine") for s in range(100)]
     assert cos[10] == pytest.approx(1.0) and cos[-1] >= 0.1 and cos[-1] < 0.11
+    const = [lr_factor(s, 100, warmup=0.1, shape="constant") for s in range(100)]
+    assert const[:10] == f[:10] and all(v == 1.0 for v in const[10:])
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor(0, 10, shape="step")
 
