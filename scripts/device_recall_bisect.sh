@@ -7,13 +7,14 @@
 # Usage: bash scripts/device_recall_bisect.sh GPU WAIT_SECONDS [FOLLOW_CONFIG FOLLOW_NAME FOLLOW_SECONDS]
 set -o pipefail
 source scripts/device_setup.sh
+set +e  # device_setup's errexit would end the report at the first grep that finds nothing
 GPU=${1:?usage: bash scripts/device_recall_bisect.sh GPU WAIT_SECONDS [FOLLOW_CONFIG FOLLOW_NAME FOLLOW_SECONDS]}
 WAIT=${2:?wait seconds}
 NAMES=()
 for cfg in configs/teacher_s18_bisect_*.json; do
   v=$(basename "$cfg" .json); v=${v#teacher_s18_bisect_}
   data=runs/world_next_recall; grep -q text_only_families "$cfg" && data=runs/world_next_recall_text
-  DATA=$data bash scripts/device_teacher_bg.sh "$cfg" "$WAIT" "s18_bx_$v" "$GPU" | tail -1
+  [ -f "runs/s18_bx_$v/heldout_scores.json" ] || DATA=$data bash scripts/device_teacher_bg.sh "$cfg" "$WAIT" "s18_bx_$v" "$GPU" | tail -1
   NAMES+=("s18_bx_$v")
 done
 began=$(date +%s)
