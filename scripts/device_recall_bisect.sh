@@ -14,10 +14,13 @@ GPU=${1:?usage: bash scripts/device_recall_bisect.sh GPU WAIT_SECONDS [FOLLOW_CO
 WAIT=${2:?wait seconds}
 SET=${SET:-s18_bisect}
 PREFIX=${SET/s18_bisect/s18_bx}  # session 18's run names
+text_only() {  # does the config (a JSON file) train some family as text?
+  python3 -c "import json, sys; sys.exit(not json.load(open(sys.argv[1])).get('text_only_families'))" "$1"
+}
 NAMES=()
 for cfg in configs/teacher_"$SET"_*.json; do
   v=$(basename "$cfg" .json); v=${v#teacher_"$SET"_}
-  data=runs/world_next_recall; grep -q '"text_only_families": \["' "$cfg" && data=runs/world_next_recall_text
+  data=runs/world_next_recall; text_only "$cfg" && data=runs/world_next_recall_text
   [ -f "runs/${PREFIX}_$v/heldout_scores.json" ] || DATA=$data bash scripts/device_teacher_bg.sh "$cfg" "$WAIT" "${PREFIX}_$v" "$GPU" | tail -1
   NAMES+=("${PREFIX}_$v")
 done
@@ -27,7 +30,7 @@ echo "bisect runs ended after $(( $(date +%s) - began )) s"
 for n in "${NAMES[@]}"; do
   echo "== $n: $(tr '\r' '\n' < "runs/${n}_bg.log" | grep -oE "step [0-9]+: held-out average [0-9.]+" | sed 's/held-out average //' | tr '\n' ' ')"
   tr '\r' '\n' < "runs/${n}_bg.log" | grep -E "Error|error" | grep -v -i warn | tail -2 | cut -c1-200
-  if [ -f "runs/$n/heldout_scores.json" ] && python3 -c "import json, sys; sys.exit(not json.load(open('runs/$n.run/config.json'))['text_only_families'])"; then
+  if [ -f "runs/$n/heldout_scores.json" ] && text_only "runs/$n.run/config.json"; then
     CUDA_VISIBLE_DEVICES=$GPU python3 -m matvlm.cli eval "runs/$n" --data runs/world_next_recall/test.json \
       --images runs/world_next_recall/images --out "runs/$n/image_scores.json" >/dev/null 2>&1
   fi
