@@ -33,9 +33,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from matvlm import kernels
+from matvlm.model import kernels
 from matvlm.bench.common import build_teacher
-from matvlm.convert import to_hybrid
+from matvlm.model.convert import to_hybrid
 from matvlm.distill import Distiller, LossSettings
 from matvlm.training import end_process_group
 

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from matvlm.eval.report import write_json_atomic
+from matvlm.io import write_json_atomic
 
 # name -> DistillConfig overrides; the base is the default recipe at 25%.
 VARIANTS: dict[str, dict] = {

@@ -20,8 +20,7 @@ import statistics
 from pathlib import Path
 
 from matvlm.data.llava import SupervisedDataset, load_records
-from matvlm.eval.report import write_json_atomic
-from matvlm.eval.runner import guess_template, read_model_info
+from matvlm.io import guess_template, read_model_info, write_json_atomic
 from matvlm.io import load_processor
 
 

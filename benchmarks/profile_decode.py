@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 
 from matvlm.bench.common import (
-    _ordinary_id_range,
+    ordinary_id_range,
     build_models,
     decode_weight_bytes,
     device_name,
@@ -75,7 +75,7 @@ def profile_step(eng: Engine, context: int, token: int) -> dict:
 
 
 def graph_step(model, context: int, steps: int, compile_step: bool) -> dict:
-    token = _ordinary_id_range(model)[0]
+    token = ordinary_id_range(model)[0]
     slots = context + steps + 8
     eng = Engine(model, 1, slots, use_cuda_graph=torch.cuda.is_available(), min_kv_bucket=slots, compile_step=compile_step)
     began = time.perf_counter()

@@ -19,9 +19,9 @@ import time
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from matvlm import kernels
+from matvlm.model import kernels
 from matvlm.bench import tinyllava_3b_config
-from matvlm.convert import to_hybrid
+from matvlm.model.convert import to_hybrid
 from matvlm.distill import Distiller, LossSettings
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, dense bf16

@@ -16,8 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from matvlm import kernels
-from matvlm.ssd import ssd_chunked_torch, ssd_scan, ssd_sequential_reference
+from matvlm.model import kernels
+from matvlm.model.ssd import ssd_chunked_torch, ssd_scan, ssd_sequential_reference
 
 SHAPES = [  # batch, length, heads, groups, head dim, state, chunk
     (2, 1428, 32, 32, 80, 80, 256),

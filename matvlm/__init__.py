@@ -6,10 +6,10 @@
 Importing the package registers the "matvlm" model type with transformers' Auto classes.
 """
 
-from .config import MaTVLMConfig, MixerSettings, mamba_layer_indices
-from .convert import init_mixer_from_attention, summarize_conversion, to_hybrid
-from .mixer import Mamba2Mixer
-from .modeling import MaTVLMForConditionalGeneration, register_auto_classes
+from matvlm.model.config import MaTVLMConfig, MixerSettings, mamba_layer_indices
+from matvlm.model.convert import init_mixer_from_attention, summarize_conversion, to_hybrid
+from matvlm.model.mixer import Mamba2Mixer
+from matvlm.model.modeling import MaTVLMForConditionalGeneration, register_auto_classes
 
 __version__ = "0.1.0"
 

@@ -115,7 +115,7 @@ def data_synth(
     workers: int = typer.Option(1, help="Processes (the output is identical for any number)."),
 ) -> None:
     """Generate the synthetic visual-QA world in LLaVA JSON format."""
-    from matvlm.data.synth import generate_world
+    from matvlm.synthetic.world import generate_world
 
     started = time.perf_counter()
     info = generate_world(out_dir, train, test, seed=seed, image_size=image_size, progress=True, workers=workers)
@@ -151,7 +151,7 @@ def teacher(
 ) -> None:
     """Train a small LLaVA teacher from scratch (progress bar, periodic eval, atomic checkpoints, resume)."""
     from matvlm.eval.report import results_table
-    from matvlm.teacher import TeacherConfig, train_teacher
+    from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 
     fields = json.loads(config.read_text()) if config else {}
     overrides = dict(family=family, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers,
@@ -177,7 +177,7 @@ def teacher_export(
 ) -> None:
     """Write a teacher from a run that has not finished (its last checkpoint), evaluated on the held-out set."""
     from matvlm.eval.report import results_table
-    from matvlm.teacher import export_teacher
+    from matvlm.synthetic.teacher import export_teacher
 
     try:
         results = export_teacher(run_dir, out, weights=weights, data=data)
@@ -195,7 +195,7 @@ def import_tinyllava_command(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Convert a TinyLLaVA checkpoint into an HF Llava-format one (Phi's lm_head bias kept: model type 'matvlm')."""
-    from matvlm.tinyllava import import_tinyllava
+    from matvlm.io.tinyllava import import_tinyllava
 
     try:
         summary = import_tinyllava(src_dir, out_dir, dtype=dtype, template=template, overwrite=overwrite)
@@ -299,8 +299,9 @@ def eval_command(
     from transformers import AutoTokenizer
 
     from matvlm.data.llava import BadRecordError, DataError, load_records
-    from matvlm.eval.report import results_table, write_json_atomic
-    from matvlm.eval.runner import evaluate, first_per_family, guess_template, read_model_info
+    from matvlm.eval.report import results_table
+    from matvlm.eval.runner import evaluate, first_per_family
+    from matvlm.io import model_template, write_json_atomic
     from matvlm.io import load_image_processor, load_vlm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -316,7 +317,7 @@ def eval_command(
         records = first_per_family(records, per_family)
     if limit:
         records = records[:limit]
-    template = template or read_model_info(model_dir).get("template") or guess_template(tokenizer)
+    template = model_template(model_dir, tokenizer, template)
     folders = images or [data.parent / "images"]
     try:
         results = evaluate(model, tokenizer, image_processor, records, folders, template,
@@ -401,7 +402,7 @@ def demo(
     minutes: float = typer.Option(4.0, help="Distillation budget in minutes (steps calibrated on this machine)."),
 ) -> None:
     """The method end to end, offline: convert, distil, evaluate teacher vs hybrid, speed and memory, report."""
-    from matvlm.demo import DemoConfig, run_demo
+    from matvlm.synthetic.demo import DemoConfig, run_demo
 
     try:
         run_demo(DemoConfig(out=str(out), teacher=str(teacher) if teacher else "", ratio=ratio, minutes=minutes))

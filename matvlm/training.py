@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Sampler
 
-from .data.llava import LengthGroupedSampler
+from matvlm.data.llava import LengthGroupedSampler
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Parameters that never get weight decay besides 1-D tensors (Mamba-2 convention).

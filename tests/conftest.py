@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matvlm.tiny import tiny_llava
+from matvlm.testing import tiny_llava
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from matvlm.cli import app
 from matvlm.io import load_vlm
-from matvlm.tiny import tiny_llava
+from matvlm.testing import tiny_llava
 
 runner = CliRunner()
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import matvlm
-from matvlm.config import check_layer_indices, mamba_layer_indices
+from matvlm.model.config import check_layer_indices, mamba_layer_indices
 from matvlm.io import atomic_directory, load_vlm, read_model_type
-from matvlm.tiny import tiny_llava
+from matvlm.testing import tiny_llava
 
 
 @pytest.mark.parametrize(

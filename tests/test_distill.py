@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matvlm.convert import to_hybrid
-from matvlm.data.synth import generate_world
+from matvlm.model.convert import to_hybrid
+from matvlm.synthetic.world import generate_world
 from matvlm.distill import DistillConfig, Distiller, LossSettings, distill
 from matvlm.distill.losses import layer_loss, logit_losses
 from matvlm.io import load_vlm
-from matvlm.teacher import TeacherConfig, train_teacher
+from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 from matvlm.training import list_checkpoints
 
 from .conftest import launch_on_cpu, make_prompt
@@ -155,7 +155,7 @@ def test_only_mixers_and_connector_train_and_frozen_parts_stay_in_eval(teacher):
 
 
 def test_mismatched_student_is_refused(teacher, family):
-    from matvlm.tiny import tiny_llava
+    from matvlm.testing import tiny_llava
 
     student = to_hybrid(teacher, ratio=0.5)
     with pytest.raises(ValueError, match="not a hybrid"):
@@ -290,7 +290,7 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
 
 
 def test_demo_runs_end_to_end_and_writes_a_report(tiny_teacher, tmp_path):
-    from matvlm.demo import DemoConfig, run_demo
+    from matvlm.synthetic.demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher[1]), minutes=0.01,
                                  train_records=24, test_records=9, batch_size=4))

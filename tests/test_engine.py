@@ -22,7 +22,8 @@ from matvlm.engine import (
 )
 from matvlm.engine.engine import check_text_config
 from matvlm.engine.sampling import filter_logits
-from matvlm.tiny import tiny_llava, tiny_llava_config
+from matvlm.io import load_vlm
+from matvlm.testing import tiny_llava, tiny_llava_config
 
 from .conftest import make_prompt
 
@@ -294,7 +295,7 @@ def test_generate_command_and_generate_text(model_dirs, kind):
                                 device="cpu", stream=True, write=pieces.append)
     assert streamed["tokens"] == res["tokens"] and "".join(pieces).strip() == res["text"]
     # the same answer through generate_text in a batch with another (longer, grey) prompt
-    model = matvlm.io.load_vlm(dirs[kind])
+    model = load_vlm(dirs[kind])
     engine = Engine(model, max_batch_size=2, max_seq_len=256)
     both = engine.generate_text(processor, [root / "rgb.png", root / "grey.png"],
                                 ["What colour is the square?", "How many circles are there in this picture?"],

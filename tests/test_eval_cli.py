@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from matvlm.cli import app
-from matvlm.data.synth import generate_world
-from matvlm.teacher import TeacherConfig, train_teacher
+from matvlm.synthetic.world import generate_world
+from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 
 runner = CliRunner()
 

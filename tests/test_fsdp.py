@@ -241,7 +241,7 @@ def test_every_fsdp2_group_holds_one_dtype_as_on_a_gpu(tiny_teacher):  # noqa: F
     """On a GPU the frozen weights are bf16 and the trained ones fp32, and FSDP2 gathers a group's
     parameters in one flat buffer: no group may mix the two. (On the CPU both are fp32, so the gloo test
     above cannot see this.)"""
-    from matvlm.convert import to_hybrid
+    from matvlm.model.convert import to_hybrid
     from matvlm.distill import Distiller, LossSettings
     from matvlm.distill.sharding import shard_groups
 

@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from matvlm.data.generated import GeneratedDataset, GeneratedRecords
+from matvlm.synthetic.generated import GeneratedDataset, GeneratedRecords
 from matvlm.data.llava import SupervisedDataset, build_image_processor, load_records, record_words
-from matvlm.data.synth import generate_world
+from matvlm.synthetic.world import generate_world
 from matvlm.data.tokenizer import train_tokenizer
-from matvlm.teacher import TeacherConfig, conversation_texts, curriculum_order, train_teacher
+from matvlm.synthetic.teacher import TeacherConfig, conversation_texts, curriculum_order, train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def world(tmp_path_factory):
 
 def test_sizing_shared_by_processes_joins_to_the_whole(world, monkeypatch):
     """DDP runs size every `parts`-th block in each process and gather: the joined counts are one process's."""
-    import matvlm.data.generated as generated
+    import matvlm.synthetic.generated as generated
 
     monkeypatch.setattr(generated, "_BLOCK", 7)  # 30 records: 5 blocks, the last one short
     whole = GeneratedRecords.from_world(world, 30).words
@@ -121,7 +121,7 @@ def test_teacher_trains_on_generated_records(world, tmp_path):
                         batch_size=4, steps=4, eval_every=2, eval_records=3, save_every=4, num_workers=0,
                         final_eval_records=3, generated_train=200, generated_start=1000)
     # (eval_every: test images are read from DATA; generated_start: records 1000..1199)
-    from matvlm.teacher import training_records
+    from matvlm.synthetic.teacher import training_records
 
     records, _ = training_records(cfg, tmp_path, progress=False)
     assert len(records) == 200 and records[0]["id"] == "train-0001000"
@@ -142,7 +142,7 @@ def test_teacher_trains_with_copy_records_and_scores_only_world_families(world, 
                         vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
                         batch_size=4, steps=3, eval_every=100, save_every=3, num_workers=0, final_eval_records=9,
                         generated_train=44, train_only_families=["copy", "repeat"], family_weights={"copy": 2, "repeat": 2})
-    from matvlm.teacher import training_records
+    from matvlm.synthetic.teacher import training_records
 
     records, _ = training_records(cfg, tmp_path, progress=False)
     assert sum(records.family(i) == "copy" for i in range(len(records))) == 4

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def need_cuda_and_kernels():
-    from matvlm import kernels
+    from matvlm.model import kernels
 
     if not torch.cuda.is_available() or kernels.mamba_chunk_scan() is None:
         pytest.skip("needs CUDA and mamba_ssm's Triton kernels")
@@ -34,7 +34,7 @@ def test_kernel_matches_recurrence(shape, dtype, tol):
 
 
 def test_auto_backend_picks_kernel_for_cuda_only():
-    from matvlm import kernels
+    from matvlm.model import kernels
 
     os.environ[kernels.BACKEND_ENV] = "auto"
     assert kernels.scan_backend("cuda") == "mamba_ssm"

@@ -31,16 +31,16 @@ from matvlm.data.llava import (
     generation_inputs,
     load_records,
 )
-from matvlm.data.synth import generate_world
+from matvlm.synthetic.world import generate_world
 from matvlm.data.templates import get_template
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.distill import DistillConfig, distill
 from matvlm.engine import generate_command
 from matvlm.eval.runner import evaluate
 from matvlm.io import load_vlm
-from matvlm.mixer import Mamba2Mixer
-from matvlm.teacher import conversation_texts
-from matvlm.tiny import tiny_llava_config
+from matvlm.model.mixer import Mamba2Mixer
+from matvlm.synthetic.teacher import conversation_texts
+from matvlm.testing import tiny_llava_config
 
 IMAGE = 32  # vision input side; the world's images are 64 pixels, so the processor resizes them
 PATCH = 8  # 16 patches + CLS = 17 vision positions; "default" drops CLS -> 16 image tokens

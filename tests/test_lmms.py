@@ -21,12 +21,12 @@ from transformers import AutoTokenizer, LlavaProcessor
 
 from matvlm.cli import convert_and_save
 from matvlm.data.llava import build_image_processor, generation_inputs, load_records
-from matvlm.data.synth import generate_world
+from matvlm.synthetic.world import generate_world
 from matvlm.data.templates import get_template
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.eval.runner import generate_answers
 from matvlm.io import load_vlm
-from matvlm.teacher import TeacherConfig, build_teacher, conversation_texts
+from matvlm.synthetic.teacher import TeacherConfig, build_teacher, conversation_texts
 
 pytest.importorskip("lmms_eval")
 pytestmark = pytest.mark.lmms

@@ -25,7 +25,8 @@ from matvlm.eval.metrics import (
     vqa_accuracy,
     yes_no_scores,
 )
-from matvlm.eval.report import compare_table, results_table, write_json_atomic
+from matvlm.eval.report import compare_table, results_table
+from matvlm.io import write_json_atomic
 
 # --------------------------------------------------------------------------
 # normalize_answer / exact_match

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import matvlm
-from matvlm.mixer import Mamba2Mixer
+from matvlm.model.mixer import Mamba2Mixer
+from matvlm.testing import tiny_llava
 
 from .conftest import greedy_no_cache, make_prompt
 
@@ -60,7 +61,7 @@ def test_mixer_init_copies_attention_slices(teacher, hybrid):
 def test_gqa_teacher_repeats_kv_rows(family):
     if family != "llama":
         pytest.skip("GQA is the llama family")
-    t = matvlm.tiny.tiny_llava("llama", num_heads=4, num_kv_heads=2)
+    t = tiny_llava("llama", num_heads=4, num_kv_heads=2)
     h = matvlm.to_hybrid(t, mamba_layers=[1])
     attn, mixer = t.model.language_model.layers[1].self_attn, h.mixers()[1]
     k = attn.k_proj.weight.view(2, mixer.head_dim, -1)
@@ -164,7 +165,7 @@ def test_padding_mask_reaches_mixers(hybrid):
 
 
 def test_eval_turns_dropout_off_and_train_mode_uses_it(family):
-    t = matvlm.tiny.tiny_llava(family)
+    t = tiny_llava(family)
     t.config.text_config.attention_dropout = 0.5
     for name in ("resid_pdrop", "embd_pdrop"):
         if hasattr(t.config.text_config, name):

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from matvlm.data.llava import load_records
-from matvlm.data.synth import FAMILIES, GENERATOR_VERSION, generate_world
-from matvlm.demo import SHIPPED_TEACHER
+from matvlm.synthetic.world import FAMILIES, GENERATOR_VERSION, generate_world
+from matvlm.synthetic.demo import SHIPPED_TEACHER
 from matvlm.eval.runner import evaluate
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_TEACHER / "config.json").exists(), reason="no teacher shipped")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matvlm.ssd import ssd_chunked_torch, ssd_scan, ssd_sequential_reference, ssd_step
+from matvlm.model.ssd import ssd_chunked_torch, ssd_scan, ssd_sequential_reference, ssd_step
 
 
 def random_inputs(b, seqlen, h, g, p, n, dtype=torch.float64, seed=0):
@@ -89,7 +89,7 @@ def test_heads_must_be_multiple_of_groups():
 
 
 def test_backend_choice(monkeypatch):
-    from matvlm import kernels
+    from matvlm.model import kernels
 
     assert kernels.scan_backend("cpu") == "torch"
     monkeypatch.setenv(kernels.BACKEND_ENV, "mamba_ssm")

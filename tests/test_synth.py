@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from matvlm.data.scene import BACKGROUNDS, COLORS, GRID, PANEL_FILL, PLURALS, SHAPES, SIZES, cell_size, font
-from matvlm.data.synth import (
+from matvlm.synthetic.scene import BACKGROUNDS, COLORS, GRID, PANEL_FILL, PLURALS, SHAPES, SIZES, cell_size, font
+from matvlm.synthetic.world import (
     FAMILIES,
     GENERATOR_VERSION,
     LETTERS,
@@ -23,7 +23,7 @@ from matvlm.data.synth import (
     PRESENCE_SUBSETS,
     RECALL_NOUNS,
     TRAIN_ONLY_FAMILIES,
-    _World,
+    World,
     answer_from_scene,
     caption_of,
     generate_world,
@@ -62,11 +62,11 @@ def test_same_arguments_give_identical_files(world, tmp_path):
     code = (
         "import sys, types\n"
         "pkg = types.ModuleType('matvlm'); pkg.__path__ = [sys.argv[2]]; sys.modules['matvlm'] = pkg\n"
-        "from matvlm.data.synth import generate_world\n"
+        "from matvlm.synthetic.world import generate_world\n"
         f"generate_world(sys.argv[1], {N_TRAIN}, {N_TEST}, seed={SEED})"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    package_dir = Path(__import__("matvlm.data.synth").__file__).parent
+    package_dir = Path(__import__("matvlm.synthetic.world").__file__).parent
     subprocess.run([sys.executable, "-c", code, str(tmp_path), str(package_dir)], check=True, env=env, timeout=120)
     first, second = _files(world), _files(tmp_path)
     assert first.keys() == second.keys()
@@ -292,7 +292,7 @@ def test_copy_records_repeat_training_words_only():
     """The training-only copy family: the answer is the question's words, recomputable from the text, in the
     training vocabulary (no held-out OCR word), deterministic, and different from record to record."""
     assert "copy" in TRAIN_ONLY_FAMILIES and "copy" not in FAMILIES
-    world = _World.make(SEED, 128)
+    world = World.make(SEED, 128)
     records = [make_record(world, "train", i, "copy", i) for i in range(200)]
     assert records[7] == make_record(world, "train", 7, "copy", 7)
     assert len({r["answers"][0] for r in records}) == len(records)
@@ -313,7 +313,7 @@ def test_short_recall_families_are_recall_with_few_filler_turns(tmp_path, family
     """The training-only recall_short (0-3 filler turns, each count made) and recall_next (none) families: the
     recall family's wording and answer, deterministic, never written to a split."""
     assert family in TRAIN_ONLY_FAMILIES and family not in FAMILIES
-    world = _World.make(SEED, 128)
+    world = World.make(SEED, 128)
     records = [make_record(world, "train", i, family, i) for i in range(80)]
     assert records[5] == make_record(world, "train", 5, family, 5)
     assert {r["distance_turns"] for r in records} == turns
@@ -330,7 +330,7 @@ def test_ocr_pseudo_records_show_made_up_words():
     """The training-only ocr_pseudo family: the OCR question about a string of made-up words (never one of the
     world's words), drawn on the image, recomputable from the scene, deterministic."""
     assert "ocr_pseudo" in TRAIN_ONLY_FAMILIES and "ocr_pseudo" not in FAMILIES
-    world = _World.make(SEED, 128)
+    world = World.make(SEED, 128)
     records = [make_record(world, "train", i, "ocr_pseudo", i) for i in range(100)]
     assert records[3] == make_record(world, "train", 3, "ocr_pseudo", 3)
     assert len({r["answers"][0] for r in records}) == len(records)
@@ -347,7 +347,7 @@ def test_ocr_pseudo_records_show_made_up_words():
 def test_repeat_records_are_plain_text_said_twice():
     """The training-only repeat family: a prompt-completion record (no scene, image or chat), its completion
     the prompt's words again, one-token world words only, deterministic."""
-    world = _World.make(SEED, 128)
+    world = World.make(SEED, 128)
     records = [make_record(world, "train", i, "repeat", i) for i in range(100)]
     assert records[5] == make_record(world, "train", 5, "repeat", 5)
     assert len({r["completion"] for r in records}) == len(records)

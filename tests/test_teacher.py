@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from matvlm.data.synth import FAMILIES, TRAIN_ONLY_FAMILIES, generate_world
+from matvlm.synthetic.world import FAMILIES, TRAIN_ONLY_FAMILIES, generate_world
 from matvlm.data.llava import load_records
 from matvlm.data.tokenizer import train_tokenizer
-from matvlm.data.where import where_records
-from matvlm.teacher import (TeacherConfig, build_teacher, compiled_forward, curriculum_order, sdpa_choice,
+from matvlm.synthetic.where import where_records
+from matvlm.synthetic.teacher import (TeacherConfig, build_teacher, compiled_forward, curriculum_order, sdpa_choice,
                             teacher_param_groups, train_teacher)
 from matvlm.training import list_checkpoints, load_checkpoint
 
@@ -111,7 +111,7 @@ def test_curriculum_warmup_on_some_families(world, tmp_path):
 
 
 def test_family_weights_repeat_records_of_a_family(world):
-    from matvlm.teacher import mixed_order
+    from matvlm.synthetic.teacher import mixed_order
 
     records = load_records(Path(world) / "train.json")
     lengths = [10] * len(records)
@@ -152,7 +152,7 @@ def test_curriculum_stages_pick_their_records_in_order(world):
 def test_export_of_an_unfinished_run_from_checkpoint_or_weights_file(world, tmp_path):
     from safetensors.torch import save_file
 
-    from matvlm.teacher import export_teacher
+    from matvlm.synthetic.teacher import export_teacher
 
     out = tmp_path / "e"
     train_teacher(tiny_cfg(world, out), progress=False, stop_at=4)
@@ -203,7 +203,7 @@ def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(wo
     """number_space from a teacher without it: a new tokenizer is trained; a token both vocabularies hold keeps
     its rows, a new one ("Ġ3") starts from the mean of the old tokens of its text ("Ġ", "3")."""
     from matvlm.data.tokenizer import keeps_number_space
-    from matvlm.teacher import transfer_vocab
+    from matvlm.synthetic.teacher import transfer_vocab
 
     first = tmp_path / "first"
     train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
@@ -236,7 +236,7 @@ def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(wo
 def test_init_from_larger_patches_sees_a_zoomed_image(world, tmp_path):
     """A patch-8 teacher from a patch-16 one: its patch embedding of an image is the old one's of that image
     enlarged twice (nearest), the position table is resized to the finer grid, and all else is copied."""
-    from matvlm.teacher import POSITION_KEY, init_weights, resample_patches
+    from matvlm.synthetic.teacher import POSITION_KEY, init_weights, resample_patches
 
     first = tmp_path / "p16"
     train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
@@ -358,7 +358,7 @@ def test_committed_teacher_configs_are_valid(path):
 
 DDP_TEACHER = """
 import json, os, sys
-from matvlm.teacher import TeacherConfig, train_teacher
+from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 results = train_teacher(TeacherConfig(**json.loads(sys.argv[1])), progress=False)
 if int(os.environ.get("RANK", "0")) == 0:
     print("PROCESSES", os.environ.get("WORLD_SIZE", "1"), "RESULTS", results is not None, flush=True)
@@ -367,7 +367,7 @@ if int(os.environ.get("RANK", "0")) == 0:
 
 @pytest.mark.parametrize("feature_layer", [-1, -2])
 def test_params_without_gradient_are_exactly_those_unused(world, feature_layer):
-    from matvlm.teacher import params_without_gradient
+    from matvlm.synthetic.teacher import params_without_gradient
 
     tokenizer = train_tokenizer(["a b c"], vocab_size=300, template="phi")
     model = build_teacher(tiny_cfg(world, "unused", vision_feature_layer=feature_layer), tokenizer)
@@ -408,7 +408,7 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer, 
 
 
 def test_host_threads_are_limited_on_a_gpu_only():
-    from matvlm.teacher import limit_host_threads
+    from matvlm.synthetic.teacher import limit_host_threads
 
     before = torch.get_num_threads()
     try:

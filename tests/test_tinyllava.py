@@ -30,8 +30,8 @@ from transformers import (
 import matvlm
 from matvlm.data.templates import get_template
 from matvlm.io import load_vlm
-from matvlm.tiny import tiny_llava_config
-from matvlm.tinyllava import TinyLlavaImportError, import_tinyllava
+from matvlm.testing import tiny_llava_config
+from matvlm.io.tinyllava import TinyLlavaImportError, import_tinyllava
 
 TINYLLAVA_IMAGE = -200  # TinyLLaVA's placeholder input id
 PATCHES = 16  # 32 px / patch 8

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from matvlm.tiny import tiny_llava
+from matvlm.testing import tiny_llava
 from matvlm.training import (
     EpochOrder,
     adamw_param_groups,

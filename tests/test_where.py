@@ -3,9 +3,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from matvlm.data.scene import COLORS, cell_size
-from matvlm.data.synth import generate_world
-from matvlm.data.where import where_records
+from matvlm.synthetic.scene import COLORS, cell_size
+from matvlm.synthetic.world import generate_world
+from matvlm.synthetic.where import where_records
 
 
 def test_where_records_are_deterministic_right_and_avoid_heldout_pairs(tmp_path):

@@ -34,10 +34,10 @@ measurement; later runs with other parts or models merge into it), `bench_<devic
 table) and PNG plots.
 """
 
-from .common import BenchConfig, build_models, build_teacher, bytes_per_decode_step, decode_weight_bytes, floor_generation_tokens_per_s, floor_tokens_per_s, measure_bandwidth, tinyllava_3b_config, weight_bytes
-from .measure import concurrent_sequences, decode_at_context, decode_vs_length, peak_memory_vs_length, throughput_vs_batch, time_to_first_token
-from .report import headline_table, plot_results
-from .run import bench_command, main, replot, run_bench
+from matvlm.bench.common import BenchConfig, build_models, build_teacher, bytes_per_decode_step, decode_weight_bytes, floor_generation_tokens_per_s, floor_tokens_per_s, measure_bandwidth, tinyllava_3b_config, weight_bytes
+from matvlm.bench.measure import concurrent_sequences, decode_at_context, decode_vs_length, peak_memory_vs_length, throughput_vs_batch, time_to_first_token
+from matvlm.bench.report import headline_table, plot_results
+from matvlm.bench.run import bench_command, main, replot, run_bench
 
 __all__ = [
     "BenchConfig",

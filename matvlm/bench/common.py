@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..convert import to_hybrid
-from ..engine import cache_bytes
+from matvlm.model.convert import to_hybrid
+from matvlm.engine import cache_bytes
 
 SHAPES = ("tinyllava-3b", "tiny")
 PARTS = ("decode", "memory", "batch", "ttft")
@@ -98,7 +98,7 @@ def build_teacher(shape: str, device: str | torch.device, dtype: torch.dtype, se
     """A random teacher of `shape`, built directly on `device` (a 3B random init on the CPU takes minutes)."""
     from transformers import LlavaForConditionalGeneration
 
-    from ..tiny import tiny_llava
+    from matvlm.testing import tiny_llava
 
     torch.manual_seed(seed)
     if shape == "tinyllava-3b":
@@ -134,24 +134,24 @@ def build_models(
         model = build_teacher(shape, device, dtype, seed)
         yield "teacher", model
         del model
-        _free(torch.device(device))
+        free_memory(torch.device(device))
     for ratio in ratios:
         base = build_teacher(shape, device, dtype, seed)
         hybrid = to_hybrid(base, ratio=ratio).eval()
         del base
-        _free(torch.device(device))
+        free_memory(torch.device(device))
         yield model_name(ratio), hybrid
         del hybrid
-        _free(torch.device(device))
+        free_memory(torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------- device helpers
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _free(device: torch.device) -> None:
+def free_memory(device: torch.device) -> None:
     """Give freed device memory back before the next measurement (CUDA graphs and engines hold cycles).
     Not on the CPU, where a full collection costs more than the tiny models' runs."""
     if device.type == "cuda":
@@ -159,16 +159,16 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _reset_peak(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak(device: torch.device) -> int | None:
+def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -200,14 +200,14 @@ def measure_bandwidth(device: str | torch.device = "cuda", nbytes: int | None = 
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    _sync(device)
+    synchronize(device)
     began = time.perf_counter()
     for _ in range(repeats):
         dst.copy_(src)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - began
     del src, dst
-    _free(device)
+    free_memory(device)
     return 2 * nbytes * repeats / seconds / 1e9
 
 
@@ -261,7 +261,7 @@ def floor_generation_tokens_per_s(model: nn.Module, prompt_len: int, new_tokens:
     return steps * bandwidth * 1e9 / (steps * fixed + kv_per_token * contexts)
 
 
-def _pct(value: float | None, floor: float | None) -> float | None:
+def percentile(value: float | None, floor: float | None) -> float | None:
     return round(100 * value / floor, 1) if value and floor else None
 
 
@@ -277,12 +277,12 @@ def banned_token_ids(model: nn.Module) -> list[int]:
     return sorted({i for i in ids + [image] if i is not None})
 
 
-def _pad_id(model: nn.Module) -> int:
+def pad_id_of(model: nn.Module) -> int:
     pad = model.config.text_config.pad_token_id
     return pad if pad is not None else banned_token_ids(model)[0]
 
 
-def _ordinary_id_range(model: nn.Module) -> tuple[int, int]:
+def ordinary_id_range(model: nn.Module) -> tuple[int, int]:
     vocab = model.lm_head.out_features
     return min(100, vocab // 4), min(50000, vocab)  # clear of the special ids at both ends
 
@@ -290,9 +290,9 @@ def _ordinary_id_range(model: nn.Module) -> tuple[int, int]:
 def bench_inputs(model: nn.Module, text_tokens: int, batch: int = 1, seed: int = 0):
     """(input_ids, attention_mask, pixel_values) on the model's device: BOS, one image's block of image
     tokens, `text_tokens` random ordinary tokens; a random image per row."""
-    config, device = model.config, _model_device(model)
+    config, device = model.config, model_device(model)
     gen = torch.Generator().manual_seed(seed)
-    lo, hi = _ordinary_id_range(model)
+    lo, hi = ordinary_id_range(model)
     special = set(banned_token_ids(model)) | {config.text_config.bos_token_id, config.text_config.pad_token_id}
     text = torch.randint(lo, hi, (batch, text_tokens), generator=gen)
     text[torch.isin(text, torch.tensor(sorted(i for i in special if i is not None)))] = lo

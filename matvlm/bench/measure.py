@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from ..engine import Engine, cache_bytes
-from .common import ENGINES, GIB, _free, _model_device, _ordinary_id_range, _pad_id, _pct, _peak, _reset_peak, _sync, banned_token_ids, bench_inputs, floor_generation_tokens_per_s, floor_tokens_per_s, is_oom, powers_of_two, weight_bytes
-from .report import _fmt_bytes
+from matvlm.engine import Engine, cache_bytes
+from matvlm.bench.common import ENGINES, GIB, free_memory, model_device, ordinary_id_range, pad_id_of, percentile, peak_memory, reset_peak_memory, synchronize, banned_token_ids, bench_inputs, floor_generation_tokens_per_s, floor_tokens_per_s, is_oom, powers_of_two, weight_bytes
+from matvlm.bench.report import format_bytes
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -23,7 +23,7 @@ class _StepClock(BaseStreamer):
         self.device, self.times = device, []
 
     def put(self, value) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
@@ -59,7 +59,7 @@ def decode_vs_length(
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     lengths = sorted({int(n) for n in lengths})
-    device = _model_device(model)
+    device = model_device(model)
     ids, mask, pixels = bench_inputs(model, prompt_tokens, seed=seed)
     prompt_len, longest = ids.shape[1], lengths[-1]
     banned = banned_token_ids(model)
@@ -69,8 +69,8 @@ def decode_vs_length(
         eng = Engine(model, 1, prompt_len + longest, use_cuda_graph=use_cuda_graph)
         options = dict(suppress_tokens=banned, stop_at_eos=False)
         eng.generate(ids, mask, pixels, max_new_tokens=min(4, longest), **options)  # warm-up, graph capture
-        _free(device)
-        _reset_peak(device)
+        free_memory(device)
+        reset_peak_memory(device)
         stream = eng.generate(ids, mask, pixels, max_new_tokens=longest, stream=True, **options)
         times = []
         for _ in stream:
@@ -82,10 +82,10 @@ def decode_vs_length(
         del eng, stream, out
     else:
         options = dict(attention_mask=mask, pixel_values=pixels, do_sample=False, suppress_tokens=banned,
-                       pad_token_id=_pad_id(model))
+                       pad_token_id=pad_id_of(model))
         model.generate(ids, max_new_tokens=min(4, longest), min_new_tokens=min(4, longest), **options)  # warm-up
-        _free(device)
-        _reset_peak(device)
+        free_memory(device)
+        reset_peak_memory(device)
         clock = _StepClock(device)
         out = model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, streamer=clock, **options)
         times = clock.times[1:]  # drop the prompt push
@@ -94,16 +94,16 @@ def decode_vs_length(
         del out
     if generated != longest or len(times) != longest:
         raise RuntimeError(f"{engine} generated {generated} of {longest} tokens; the benchmark bans EOS, so this is a bug")
-    result["peak_bytes"] = _peak(device)
+    result["peak_bytes"] = peak_memory(device)
     rates, window = _rates_at(times, lengths)
     result.update(tokens_per_s=rates, window_tokens_per_s=window)
     if bandwidth:
         floors = [floor_generation_tokens_per_s(model, prompt_len, n, bandwidth) for n in lengths]
         result.update(bandwidth_gb_s=bandwidth, floor_tokens_per_s=floors,
-                      pct_of_floor=[_pct(r, f) for r, f in zip(rates, floors)])
+                      pct_of_floor=[percentile(r, f) for r, f in zip(rates, floors)])
     if log:
         log(f"{engine}: " + ", ".join(f"{n}: {r:.1f}" for n, r in zip(lengths, rates) if r) + " tokens/s")
-    _free(device)
+    free_memory(device)
     return result
 
 
@@ -117,7 +117,7 @@ def _timed_decode(model: nn.Module, context: int, batch: int, steps: int, use_cu
     """
     total = context + warm + steps
     eng = Engine(model, batch, total, use_cuda_graph=use_cuda_graph, min_kv_bucket=total)
-    seconds = eng.time_decode_steps(batch, context, steps, _ordinary_id_range(model)[0], warm=warm)
+    seconds = eng.time_decode_steps(batch, context, steps, ordinary_id_range(model)[0], warm=warm)
     cache = eng.cache_nbytes().total
     del eng
     return {"seconds": seconds, "tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
@@ -133,15 +133,15 @@ def decode_at_context(
     use_cuda_graph: bool | str = "auto",
 ) -> dict:
     """Decode tokens/s of the engine's step with the cache filled to each context (see `_timed_decode`)."""
-    device = _model_device(model)
+    device = model_device(model)
     result = {"engine": "matvlm", "batch": batch, "steps": steps, "contexts": list(contexts), "tokens_per_s": []}
     for c in contexts:
         result["tokens_per_s"].append(_timed_decode(model, c, batch, steps, use_cuda_graph)["tokens_per_s"])
-        _free(device)
+        free_memory(device)
     if bandwidth:
         floors = [floor_tokens_per_s(model, c, batch, bandwidth) for c in contexts]
         result.update(bandwidth_gb_s=bandwidth, floor_tokens_per_s=floors,
-                      pct_of_floor=[_pct(r, f) for r, f in zip(result["tokens_per_s"], floors)])
+                      pct_of_floor=[percentile(r, f) for r, f in zip(result["tokens_per_s"], floors)])
     return result
 
 
@@ -160,28 +160,28 @@ def peak_memory_vs_length(
     (None on the CPU). cache_bytes: the engine's static cache as allocated; floor_bytes: weights + cache.
     `decode_tokens` new tokens are decoded (None: all N; see the module docstring for why a few suffice).
     """
-    device = _model_device(model)
+    device = model_device(model)
     ids, mask, pixels = bench_inputs(model, prompt_tokens, seed=seed)
     prompt_len = ids.shape[1]
     weights = weight_bytes(model)
     rows = []
     for n in sorted({int(n) for n in lengths}):
-        _free(device)
-        _reset_peak(device)
+        free_memory(device)
+        reset_peak_memory(device)
         resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         eng = Engine(model, 1, prompt_len + n, use_cuda_graph=use_cuda_graph)
         steps = n if decode_tokens is None else min(n, decode_tokens)
         eng.generate(ids, mask, pixels, max_new_tokens=steps, suppress_tokens=banned_token_ids(model), stop_at_eos=False)
-        peak = _peak(device)
+        peak = peak_memory(device)
         cache = eng.cache_nbytes()
         del eng
         rows.append({"length": n, "cache_slots": prompt_len + n, "decoded_tokens": steps, "peak_bytes": peak,
                      "resident_bytes_before": resident, "cache_bytes": cache.total, "kv_bytes": cache.kv,
                      "mixer_bytes": cache.mixer, "floor_bytes": weights + cache.total})
         if log:
-            shown = f"peak {_fmt_bytes(peak)}" if peak is not None else "peak not measured on cpu"
-            log(f"memory at {n} tokens: cache {_fmt_bytes(cache.total)}, {shown}")
-    _free(device)
+            shown = f"peak {format_bytes(peak)}" if peak is not None else "peak not measured on cpu"
+            log(f"memory at {n} tokens: cache {format_bytes(cache.total)}, {shown}")
+    free_memory(device)
     return {"engine": "matvlm", "batch": 1, "prompt_tokens": prompt_len, "weight_bytes": weights,
             "decode_tokens": decode_tokens, "lengths": [r["length"] for r in rows], "rows": rows}
 
@@ -209,7 +209,7 @@ def throughput_vs_batch(
     The sweep stops at the first batch whose cache cannot be allocated (predicted from free memory, or
     an out-of-memory error): `max_batch` is the last that ran, `oom_at` the one that did not.
     """
-    device = _model_device(model)
+    device = model_device(model)
     result = {"engine": "matvlm", "context": context, "steps": steps, "batches": [], "tokens_per_s": [],
               "step_ms": [], "peak_bytes": [], "max_batch": None, "oom_at": None, "oom_predicted": False,
               "concurrent_length": concurrent_length, "memory_bytes": memory_bytes,
@@ -219,14 +219,14 @@ def throughput_vs_batch(
         result.update(device_total_bytes=total,
                       concurrent_sequences_device=concurrent_sequences(model, concurrent_length, total))
     for b in sorted({int(b) for b in batches}):
-        _free(device)
+        free_memory(device)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if cache_bytes(model, b, context + steps + 2).total > free:
                 result.update(oom_at=b, oom_predicted=True)
                 break
-        _reset_peak(device)
+        reset_peak_memory(device)
         try:
             run = _timed_decode(model, context, b, steps, use_cuda_graph)
         except RuntimeError as err:  # torch.OutOfMemoryError is one
@@ -235,11 +235,11 @@ def throughput_vs_batch(
             result["oom_at"] = b
             break
         finally:
-            _free(device)
+            free_memory(device)
         result["batches"].append(b)
         result["tokens_per_s"].append(run["tokens_per_s"])
         result["step_ms"].append(run["step_ms"])
-        result["peak_bytes"].append(_peak(device))
+        result["peak_bytes"].append(peak_memory(device))
         result["max_batch"] = b
         if log:
             log(f"batch {b} at {context} tokens: {run['tokens_per_s']:.1f} tokens/s")
@@ -248,7 +248,7 @@ def throughput_vs_batch(
     if bandwidth:
         floors = [floor_tokens_per_s(model, context, b, bandwidth) for b in result["batches"]]
         result.update(bandwidth_gb_s=bandwidth, floor_tokens_per_s=floors,
-                      pct_of_floor=[_pct(r, f) for r, f in zip(result["tokens_per_s"], floors)])
+                      pct_of_floor=[percentile(r, f) for r, f in zip(result["tokens_per_s"], floors)])
     return result
 
 
@@ -264,7 +264,7 @@ def time_to_first_token(
     already on the device) to its first new token on the host; median of `repeats` after one warm-up."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    device = _model_device(model)
+    device = model_device(model)
     ids, mask, pixels = bench_inputs(model, prompt_tokens, seed=seed)
     banned = banned_token_ids(model)
     walls, prefills = [], []
@@ -277,20 +277,20 @@ def time_to_first_token(
     else:
         def once():
             model.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=1, do_sample=False,
-                           suppress_tokens=banned, pad_token_id=_pad_id(model))
+                           suppress_tokens=banned, pad_token_id=pad_id_of(model))
 
     once()  # warm-up (CUDA graph capture, kernel selection)
     prefills.clear()
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         began = time.perf_counter()
         once()
-        _sync(device)
+        synchronize(device)
         walls.append(time.perf_counter() - began)
     result = {"engine": engine, "batch": 1, "prompt_tokens": ids.shape[1], "text_tokens": prompt_tokens,
               "image_size": model.config.vision_config.image_size, "repeats": repeats,
               "seconds": statistics.median(walls), "all_seconds": walls}
     if prefills:
         result["prefill_seconds"] = statistics.median(prefills)
-    _free(device)
+    free_memory(device)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import GIB
+from matvlm.bench.common import GIB
 
 
 
@@ -15,7 +15,7 @@ def _model_order(results: dict) -> list[str]:
     return sorted(names, key=lambda n: (n != "teacher", results["models"][n].get("ratio", 0)))
 
 
-def _fmt_bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "–"
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
@@ -52,7 +52,7 @@ def headline_table(results: dict) -> str:
             ref = t_decode.get("tokens_per_s", [None] * len(contexts))[i] if t_decode.get("contexts") == contexts else None
             row += [f"{tps:,.1f}" if tps else "–", f"{pct:.0f}%" if pct else "–", _ratio(tps, ref)]
         cache = info["cache_bytes_at_concurrent_length"]
-        row += [_fmt_bytes(cache), _ratio(cache, teacher.get("cache_bytes_at_concurrent_length"))]
+        row += [format_bytes(cache), _ratio(cache, teacher.get("cache_bytes_at_concurrent_length"))]
         row += [f"{info['concurrent_sequences']:,}", _ratio(info["concurrent_sequences"], teacher.get("concurrent_sequences"))]
         ttft = results.get("ttft", {}).get(name, {}).get("matvlm", {}).get("seconds")
         row += [f"{ttft * 1e3:.1f}" if ttft else "–", _ratio(ttft, t_ttft)]

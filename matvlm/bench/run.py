@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -17,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import kernels
-from ..engine import cache_bytes
-from ..engine.text import parse_dtype
-from .common import SHAPES, PARTS, ENGINES, GIB, BenchConfig, _free, build_models, decode_weight_bytes, device_name, device_slug, measure_bandwidth, powers_of_two, weight_bytes
-from .measure import concurrent_sequences, decode_at_context, decode_vs_length, peak_memory_vs_length, throughput_vs_batch, time_to_first_token
-from .report import headline_table, plot_results
+from matvlm.model import kernels
+from matvlm.engine import cache_bytes
+from matvlm.devices import parse_dtype
+from matvlm.io.files import write_text_atomic
+from matvlm.bench.common import SHAPES, PARTS, ENGINES, GIB, BenchConfig, free_memory, build_models, decode_weight_bytes, device_name, device_slug, measure_bandwidth, powers_of_two, weight_bytes
+from matvlm.bench.measure import concurrent_sequences, decode_at_context, decode_vs_length, peak_memory_vs_length, throughput_vs_batch, time_to_first_token
+from matvlm.bench.report import headline_table, plot_results
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -131,15 +130,15 @@ def run_bench(
                 log(f"{model_key}: time to first token ({engine}) {entry[engine]['seconds'] * 1e3:.1f} ms")
             results["ttft"][model_key] = {**results["ttft"].get(model_key, {}), **entry}
         del model
-        _free(dev)
+        free_memory(dev)
         results["headline"] = headline_table(results)
-        _write_atomic(path, json.dumps(results, indent=2) + "\n")  # after every model: a run cut short keeps it
+        write_text_atomic(path, json.dumps(results, indent=2) + "\n")  # after every model: a run cut short keeps it
 
-    _write_atomic(out_dir / f"{path.stem}.md", results["headline"] + "\n")
+    write_text_atomic(out_dir / f"{path.stem}.md", results["headline"] + "\n")
     if plots:
         try:
             results["plots"] = [p.name for p in plot_results(results, out_dir, path.stem)]
-            _write_atomic(path, json.dumps(results, indent=2) + "\n")
+            write_text_atomic(path, json.dumps(results, indent=2) + "\n")
         except ImportError:
             log(f"matplotlib is not installed: no plots; make them elsewhere with `python -m matvlm.bench --replot {path}`")
     log(f"results in {path}")
@@ -151,24 +150,11 @@ def replot(path: str | Path) -> list[Path]:
     path = Path(path)
     results = json.loads(path.read_text())
     results["headline"] = headline_table(results)
-    _write_atomic(path.with_suffix(".md"), results["headline"] + "\n")
+    write_text_atomic(path.with_suffix(".md"), results["headline"] + "\n")
     written = plot_results(results, path.parent, path.stem)
     results["plots"] = [p.name for p in written]
-    _write_atomic(path, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
     return written
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename: an interrupted write leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value):
@@ -182,7 +168,7 @@ def _jsonable(value):
 def _start_results(path: Path, merge: bool, name: str, shape: str, dtype: str) -> dict:
     import transformers
 
-    from .. import __version__
+    from matvlm import __version__
 
     header = {"device": name, "shape": shape, "dtype": dtype}
     if merge and path.is_file():

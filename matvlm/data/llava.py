@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .records import (
+from matvlm.data.records import (
     DEFAULT_MAX_PIXELS,
     BadImageError,
     BadRecordError,
@@ -36,8 +36,8 @@ from .records import (
     record_label,
     validate_record,
 )
-from .templates import IMAGE_TOKEN, ChatTemplate, get_template
-from .tokenizer import TokenizerError, check_tokenizer
+from matvlm.data.templates import IMAGE_TOKEN, ChatTemplate, get_template
+from matvlm.data.tokenizer import TokenizerError, check_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -173,7 +173,7 @@ def _expand_image(
     return ids, labels, p
 
 
-def _pixel_values(image_processor, image: Image.Image) -> torch.Tensor:
+def pixel_values_of(image_processor, image: Image.Image) -> torch.Tensor:
     fast = _pixel_values_fast(image_processor, image)
     if fast is not None:
         return fast
@@ -317,7 +317,7 @@ class SupervisedDataset(Dataset):
             raise BadRecordError(self.source, label, "the record has an image but no image_processor was given")
         path = find_image(record["image"], self.image_folders, label)
         image = load_image(path, max_pixels=self.max_pixels, record=label)
-        return _pixel_values(self.image_processor, image)
+        return pixel_values_of(self.image_processor, image)
 
     @property
     def lengths(self) -> list[int]:
@@ -514,7 +514,7 @@ def generation_inputs(
         if image_processor is None:
             raise bad("the record has an image but no image_processor was given")
         path = find_image(record["image"], image_folders, label)
-        pixel_values = _pixel_values(image_processor, load_image(path, max_pixels=max_pixels, record=label))
+        pixel_values = pixel_values_of(image_processor, load_image(path, max_pixels=max_pixels, record=label))
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "pixel_values": pixel_values,

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping, Sequence, overload
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .templates import IMAGE_TOKEN
+from matvlm.data.templates import IMAGE_TOKEN
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -265,7 +265,7 @@ def load_image(
             if width * height > max_pixels:
                 raise bad(f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
             im.load()
-            return _to_rgb(im, bad)
+            return to_rgb(im, bad)
     except BadImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -276,7 +276,7 @@ def load_image(
         raise bad(f"cannot be decoded ({type(err).__name__}: {err})") from err
 
 
-def _to_rgb(im: Image.Image, bad) -> Image.Image:
+def to_rgb(im: Image.Image, bad) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im.copy()

@@ -16,7 +16,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .templates import IMAGE_TOKEN, ChatTemplate, get_template
+from matvlm.data.templates import IMAGE_TOKEN, ChatTemplate, get_template
 
 __all__ = ["TokenizerError", "train_tokenizer", "check_tokenizer", "keeps_number_space"]
 

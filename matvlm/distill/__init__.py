@@ -1,7 +1,7 @@
 """Single-stage distillation of a hybrid from its teacher: losses, the shared-weight distiller, the trainer."""
 
-from .distiller import Distiller, LossSettings, check_pair
-from ..training import end_process_group  # for launched scripts that call distill()
-from .trainer import DistillConfig, distill
+from matvlm.distill.distiller import Distiller, LossSettings, check_pair
+from matvlm.training import end_process_group  # for launched scripts that call distill()
+from matvlm.distill.trainer import DistillConfig, distill
 
 __all__ = ["Distiller", "LossSettings", "check_pair", "DistillConfig", "distill", "end_process_group"]

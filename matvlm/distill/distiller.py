@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from ..modeling import MaTVLMForConditionalGeneration
-from .fused_loss import fused_logit_losses
-from .losses import LAYER_LOSS_FORMS, layer_loss, logit_losses
+from matvlm.model.modeling import MaTVLMForConditionalGeneration
+from matvlm.distill.fused_loss import fused_logit_losses
+from matvlm.distill.losses import LAYER_LOSS_FORMS, layer_loss, logit_losses
 
 KL_POSITIONS = ("all", "text", "answer")
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..training import micro_batch_bounds, row_chunks
+from matvlm.training import micro_batch_bounds, row_chunks
 
 SHARDINGS = ("auto", "ddp", "fsdp2")
 

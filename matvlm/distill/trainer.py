@@ -38,13 +38,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..convert import to_hybrid
-from ..data.preload import PreloadedDataset
-from ..data.llava import SupervisedDataset, collate, load_records, warn_truncated_answers
-from ..eval.report import write_json_atomic
-from ..eval.runner import MODEL_INFO_FILE, evaluate, guess_template, read_model_info
-from ..io import atomic_directory, copy_side_files, load_processor, load_vlm
-from ..training import (
+from matvlm.model.convert import to_hybrid
+from matvlm.data.preload import PreloadedDataset
+from matvlm.data.llava import SupervisedDataset, collate, load_records, warn_truncated_answers
+from matvlm.eval.runner import evaluate
+from matvlm.io import (MODEL_INFO_FILE, atomic_directory, copy_side_files, load_processor, load_vlm, model_template,
+                       read_model_info, write_json_atomic)
+from matvlm.training import (
     EpochOrder,
     check_same_run,
     ResumableBatches,
@@ -56,9 +56,9 @@ from ..training import (
     save_checkpoint,
     set_rng_state,
 )
-from .distiller import Distiller, LossSettings
-from .fused_loss import missing_requirements
-from .sharding import (
+from matvlm.distill.distiller import Distiller, LossSettings
+from matvlm.distill.fused_loss import missing_requirements
+from matvlm.distill.sharding import (
     StateOnly,
     clip_grad_norm,
     even_micro_batches,
@@ -262,7 +262,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
 
     processor = load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
-    template = cfg.template or read_model_info(cfg.teacher).get("template") or guess_template(tokenizer)
+    template = model_template(cfg.teacher, tokenizer, cfg.template)
     records = load_records(cfg.data)
     dataset = SupervisedDataset(
         records, cfg.images, tokenizer, processor.image_processor, template,

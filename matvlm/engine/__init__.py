@@ -1,9 +1,9 @@
 """Fast generation: static KV cache + mixer states, CUDA graphs, batched decode, sampling."""
 
-from .cache import CacheBytes, EngineCache, cache_bytes
-from .engine import Engine, GenerationOutput, GenerationStream, kv_buckets
-from .sampling import SamplingParams, filter_logits, next_tokens
-from .text import TextGeneration, generate_command, generate_text
+from matvlm.engine.cache import CacheBytes, EngineCache, cache_bytes
+from matvlm.engine.engine import Engine, GenerationOutput, GenerationStream, kv_buckets
+from matvlm.engine.sampling import SamplingParams, filter_logits, next_tokens
+from matvlm.engine.text import TextGeneration, generate_command, generate_text
 
 __all__ = [
     "CacheBytes",

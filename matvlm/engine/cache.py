@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..mixer import Mamba2Mixer
+from matvlm.model.mixer import Mamba2Mixer
 
 
 @dataclass(frozen=True)

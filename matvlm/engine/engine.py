@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import CacheBytes, EngineCache, decoder_layers
-from .sampling import SamplingParams, next_tokens
+from matvlm.engine.cache import CacheBytes, EngineCache, decoder_layers
+from matvlm.engine.sampling import SamplingParams, next_tokens
 
 CUDA_GRAPH_CHOICES = ("auto", True, False)
 
@@ -368,7 +368,7 @@ class Engine:
             pass
         return output.result
 
-    def _sync(self) -> None:
+    def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -377,10 +377,10 @@ class Engine:
              stream, return_logits, check_every):
         batch, width = input_ids.shape
         self.warmup(batch)
-        self._sync()
+        self.synchronize()
         began = time.perf_counter()
         logits = self._prefill(input_ids, attention_mask, pixel_values)
-        self._sync()
+        self.synchronize()
         prefill_seconds = time.perf_counter() - began
 
         began = time.perf_counter()
@@ -411,7 +411,7 @@ class Engine:
             self.tokens[:batch].copy_(new)
             logits = self._decode(batch, width + step - 1)  # token `step - 1` goes to slot width + step - 1
             self.positions[:batch] += 1
-        self._sync()
+        self.synchronize()
         decode_seconds = time.perf_counter() - began
         return GenerationOutput(
             tokens=tokens[:, :step].cpu(),
@@ -424,7 +424,7 @@ class Engine:
 
     def generate_text(self, processor, images, prompts, template: str | None = None, **generate_kwargs):
         """Prompts (and image files) in, answers out; see `matvlm.engine.text.generate_text`."""
-        from .text import generate_text
+        from matvlm.engine.text import generate_text
 
         return generate_text(self, processor, images, prompts, template=template, **generate_kwargs)
 
@@ -446,12 +446,12 @@ class Engine:
         began = 0.0
         for s in range(warm + steps):
             if s == warm:
-                self._sync()
+                self.synchronize()
                 began = time.perf_counter()
             logits = self._decode(batch, context + s)
             self.tokens[:batch].copy_(logits.argmax(-1))
             self.positions[:batch] += 1
-        self._sync()
+        self.synchronize()
         return time.perf_counter() - began
 
     def cache_nbytes(self) -> CacheBytes:

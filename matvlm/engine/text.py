@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.llava import collate, generation_inputs
-from ..data.templates import IMAGE_TOKEN
-from .engine import Engine, GenerationOutput
-from .sampling import SamplingParams
+from matvlm.data.llava import collate, generation_inputs
+from matvlm.data.templates import IMAGE_TOKEN
+from matvlm.devices import parse_dtype
+from matvlm.engine.engine import Engine, GenerationOutput
+from matvlm.engine.sampling import SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -69,7 +69,7 @@ def generate_text(
     processor: anything with `.tokenizer` and `.image_processor` (a LlavaProcessor). template: a chat
     template name (default: guessed from the tokenizer). Other options go to `Engine.generate`.
     """
-    from ..eval.runner import guess_template
+    from matvlm.io import guess_template
 
     if generate_kwargs.get("stream"):
         raise ValueError("generate_text does not stream; call Engine.generate(..., stream=True)")
@@ -96,16 +96,6 @@ def generate_text(
     return TextGeneration(texts, out)
 
 
-def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def generate_command(
     model_dir: str | Path,
     image: str | Path | None,
@@ -130,8 +120,8 @@ def generate_command(
     """
     from transformers import AutoTokenizer
 
-    from ..eval.runner import guess_template, read_model_info
-    from ..io import load_image_processor, load_vlm
+    from matvlm.io import model_template
+    from matvlm.io import load_image_processor, load_vlm
 
     # Cheap checks first: a typo should not cost a model load.
     SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k)
@@ -142,7 +132,7 @@ def generate_command(
     model = load_vlm(model_dir, dtype=torch_dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = load_image_processor(model_dir)
-    template = template or read_model_info(model_dir).get("template") or guess_template(tokenizer)
+    template = model_template(model_dir, tokenizer, template)
     item = prompt_inputs(tokenizer, image_processor, prompt, image, template, model.config.image_seq_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate([item], pad_token_id=pad, padding_side="left")

@@ -35,9 +35,9 @@ except ModuleNotFoundError as err:
         raise
     raise ImportError('the lmms-eval adapter needs the optional extra: pip install "matvlm[lmms]"') from err
 
-from ..data.records import _to_rgb  # the same RGB conversion training images get
-from ..data.templates import IMAGE_TOKEN, get_template
-from .runner import guess_template, read_model_info
+from matvlm.data.records import to_rgb  # the same RGB conversion training images get
+from matvlm.data.templates import IMAGE_TOKEN, get_template
+from matvlm.io import model_template
 
 MODEL_NAME = "matvlm"
 CLASS_PATH = "matvlm.eval.lmms.MaTVLM"
@@ -78,8 +78,8 @@ class MaTVLM(lmms):
             )
         from transformers import AutoTokenizer
 
-        from ..data.tokenizer import check_tokenizer
-        from ..io import load_image_processor, load_vlm
+        from matvlm.data.tokenizer import check_tokenizer
+        from matvlm.io import load_image_processor, load_vlm
 
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by the matvlm model; give a number (--batch_size 16)")
@@ -98,7 +98,7 @@ class MaTVLM(lmms):
         # PIL backend, as training and `matvlm eval` (lmms-eval installs torchvision, whose resize differs).
         self.image_processor = load_image_processor(pretrained)
         check_tokenizer(self.tokenizer, image_token=IMAGE_TOKEN)
-        self.template = template or read_model_info(pretrained).get("template") or guess_template(self.tokenizer)
+        self.template = model_template(pretrained, self.tokenizer, template)
         self.chat = replace(get_template(self.template), image_token=_NO_PLACEHOLDER)
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_tokens: int = self._model.config.image_seq_length
@@ -161,7 +161,7 @@ class MaTVLM(lmms):
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
         if not images:
             return None
-        rgb = [_to_rgb(image, lambda reason: ValueError(f"bad image: {reason}")) for image in images]
+        rgb = [to_rgb(image, lambda reason: ValueError(f"bad image: {reason}")) for image in images]
         pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, dtype=self.model.dtype)
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-__all__ = ["format_pct", "format_extra", "results_table", "compare_table", "write_json_atomic"]
+__all__ = ["format_pct", "format_extra", "results_table", "compare_table"]
 
 _DASH = "\u2014"
 
@@ -121,47 +117,3 @@ def compare_table(named_results: Mapping[str, Mapping[str, Any]], title: str = "
         table.caption = f"Average over shared families only; left out: {', '.join(left_out)}"
     table.caption = (table.caption + "\n" if table.caption else "") + f"Retention relative to {base}"
     return table
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy / torch scalars and arrays, paths, sets.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON so that ``path`` is either the old file or the new one.
-
-    The text goes to a temp file in the same folder (same filesystem, so the
-    rename is atomic), is flushed and fsynced, then ``os.replace``d onto
-    ``path``. On any error the temp file is removed and ``path`` untouched.
-    Parent folders are created. Returns the path.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Serialise first: a non-serialisable object fails before touching disk.
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes 0600 files; keep an existing file's mode, else 0644.
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target

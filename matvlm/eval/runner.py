@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +10,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.llava import BadRecordError, collate, generation_inputs
-from .metrics import score_records
-
-# Written next to a model by our own commands: what a model directory cannot say by itself.
-MODEL_INFO_FILE = "matvlm.json"
-
+from matvlm.data.llava import BadRecordError, collate, generation_inputs
+from matvlm.eval.metrics import score_records
 
 @dataclass
 class GenerationRun:
@@ -40,16 +35,6 @@ def first_per_family(records: list[dict], n: int) -> list[dict]:
         if seen[family] <= n:
             kept.append(record)
     return kept
-
-
-def read_model_info(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / MODEL_INFO_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def guess_template(tokenizer) -> str:
-    """Template from the tokenizer's end token when the model directory does not name one."""
-    return "phi" if tokenizer.eos_token == "<|endoftext|>" else "vicuna_v1"
 
 
 @torch.no_grad()

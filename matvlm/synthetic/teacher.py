@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from transformers import (AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig,
                           PreTrainedTokenizerBase, SiglipVisionConfig)
 
-from .data.generated import GeneratedDataset, GeneratedRecords
-from .data.synth import TEXT_FAMILIES
-from .data.preload import PreloadedDataset
-from .data.llava import (
+from matvlm.synthetic.generated import GeneratedDataset, GeneratedRecords
+from matvlm.synthetic.world import TEXT_FAMILIES
+from matvlm.data.preload import PreloadedDataset
+from matvlm.data.llava import (
     SupervisedDataset,
     build_image_processor,
     collate,
@@ -38,14 +38,13 @@ from .data.llava import (
     record_words,
     warn_truncated_answers,
 )
-from .data.tokenizer import keeps_number_space, train_tokenizer
-from .data.where import where_records
-from .eval.report import write_json_atomic
-from .eval.runner import MODEL_INFO_FILE, evaluate
-from .io import atomic_directory
-from .modeling import compile_llava_layers
-from .profiling import StepProfiler, quiet_window_start
-from .training import (
+from matvlm.data.tokenizer import keeps_number_space, train_tokenizer
+from matvlm.synthetic.where import where_records
+from matvlm.eval.runner import evaluate
+from matvlm.io import MODEL_INFO_FILE, atomic_directory, write_json_atomic
+from matvlm.model.modeling import compile_llava_layers
+from matvlm.profiling import StepProfiler, quiet_window_start
+from matvlm.training import (
     EpochOrder,
     check_same_run,
     end_process_group,

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ssd
-from .config import MixerSettings
+from matvlm.model import ssd
+from matvlm.model.config import MixerSettings
 
 
 def initial_ssm_values(s: MixerSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from .config import MaTVLMConfig, MixerSettings, check_layer_indices, layer_types_for, mamba_layer_indices
-from .mixer import Mamba2Mixer
-from .modeling import MaTVLMForConditionalGeneration
+from matvlm.model.config import MaTVLMConfig, MixerSettings, check_layer_indices, layer_types_for, mamba_layer_indices
+from matvlm.model.mixer import Mamba2Mixer
+from matvlm.model.modeling import MaTVLMForConditionalGeneration
 
 CONV_INITS = ("random", "identity")
 # Attention modules we know how to read: q/k/v projections plus the output projection's name.

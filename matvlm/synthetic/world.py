@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matvlm.data.scene import (
+from matvlm.io.files import write_text_atomic
+from matvlm.synthetic.scene import (
     BACKGROUNDS, COLORS, GRID, PLURALS, SHAPES, SIZES, Obj, cell_size, place, png_bytes, render, text_layout,
 )
 
@@ -332,7 +333,7 @@ def answer_from_scene(record: dict[str, Any]) -> str:
 # The world: held-out combinations and object popularity, derived from the seed only.
 
 @dataclass(frozen=True)
-class _World:
+class World:
     seed: int
     image_size: int
     heldout_pairs: tuple[tuple[str, str], ...]
@@ -341,7 +342,7 @@ class _World:
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
-    def make(seed: int, image_size: int) -> _World:
+    def make(seed: int, image_size: int) -> World:
         rng = random.Random(f"matvlm-synth:{seed}:world")
         # Held-out pairs use distinct colours and shapes, so each colour and shape stays common in train.
         colors, shapes = rng.sample(list(COLORS), N_HELDOUT_PAIRS), rng.sample(list(SHAPES), N_HELDOUT_PAIRS)
@@ -352,7 +353,7 @@ class _World:
         popularity = {p: 1.0 / (rank + 1) ** 0.5 for rank, p in enumerate(ranked)}
         words = sorted(set(LONG_WORDS) | set(SHORT_WORDS))
         held_words = tuple(sorted(rng.sample(words, round(HELDOUT_WORD_FRACTION * len(words)))))
-        return _World(seed, image_size, heldout, held_words, popularity)
+        return World(seed, image_size, heldout, held_words, popularity)
 
     def candidates(self, split: str, color: str | None, shape: str | None) -> tuple[list[tuple[str, str]], list[float]]:
         """Pairs of the split that fit the constraints, and their cumulative weights (cached)."""
@@ -394,7 +395,7 @@ class _Draft:
 class _Gen:
     """Sampling state of one record: its RNG, the split's allowed pairs, and the family-local index."""
 
-    def __init__(self, world: _World, split: str, stream: str, k: int) -> None:
+    def __init__(self, world: World, split: str, stream: str, k: int) -> None:
         self.world, self.split, self.k = world, split, k
         self.rng = random.Random(f"matvlm-synth:{world.seed}:{split}:{stream}")
         self._memo: dict[tuple[Any, ...], Any] = {}
@@ -795,7 +796,7 @@ def _fam_recall(g: _Gen, n_filler: int | None = None) -> _Draft:
 _WORLD_WORDS: tuple[str, ...] = (*COLORS, *SHAPES, *SIZES, *RECALL_NOUNS, *map(str, range(100)))
 
 
-def _repeat_record(world: _World, split: str, index: int) -> dict[str, Any]:
+def _repeat_record(world: World, split: str, index: int) -> dict[str, Any]:
     """Training only: a plain-text record of one-token world words (colours, shapes, sizes, recall nouns,
     numbers) said twice, the second time as the completion."""
     rng = random.Random(f"matvlm-synth:{world.seed}:{split}:{index}:repeat")
@@ -831,7 +832,7 @@ _FAMILY_FUNCS = {
 # ----------------------------------------------------------------------------------------------------
 # Records and the world on disk.
 
-def _mentions_heldout(world: _World, draft: _Draft) -> bool:
+def _mentions_heldout(world: World, draft: _Draft) -> bool:
     if any((o["color"], o["shape"]) in world.heldout_pairs for o in draft.objects):
         return True
     texts = " ".join(q + " " + a for q, a in draft.turns) + " " + " ".join(map(str, draft.extras.get("choices", [])))
@@ -840,13 +841,13 @@ def _mentions_heldout(world: _World, draft: _Draft) -> bool:
     return bool(draft.text) and any(w in world.heldout_words for w in draft.text["string"].split())
 
 
-def _make_record(world: _World, split: str, index: int, family: str, k: int) -> tuple[dict[str, Any], Any]:
+def _make_record(world: World, split: str, index: int, family: str, k: int) -> tuple[dict[str, Any], Any]:
     """One record and its PIL image; deterministic in (world, split, index)."""
     record = make_record(world, split, index, family, k)
     return record, render(record["scene"])
 
 
-def make_record(world: _World, split: str, index: int, family: str, k: int) -> dict[str, Any]:
+def make_record(world: World, split: str, index: int, family: str, k: int) -> dict[str, Any]:
     """One record without its image (its `scene` draws it; a TEXT_FAMILIES record is plain text, with neither);
     deterministic in (world, split, index)."""
     if family in TEXT_FAMILIES:
@@ -875,21 +876,17 @@ def make_record(world: _World, split: str, index: int, family: str, k: int) -> d
 
 
 def _write_json(path: Path, obj: Any, one_record_per_line: bool = False) -> None:
-    """Write to a temporary name, then rename: an interrupted run never leaves a whole-looking file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if one_record_per_line:  # still one JSON list, but greppable
-            f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in obj) + "\n]\n")
-        else:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-    os.replace(tmp, path)
+    if one_record_per_line:  # still one JSON list, but greppable
+        text = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in obj) + "\n]\n"
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    write_text_atomic(path, text)
 
 
-def _make_block(job: tuple, world: _World | None = None) -> list[dict[str, Any]]:
+def _make_block(job: tuple, world: World | None = None) -> list[dict[str, Any]]:
     """Make records for a block of indices and write their PNGs; returns the records."""
     seed, image_size, split, indices, families, img_dir = job
-    world = world or _World.make(seed, image_size)
+    world = world or World.make(seed, image_size)
     records = []
     for i in indices:
         family = families[i % len(families)]
@@ -916,7 +913,7 @@ def generate_world(out_dir: str | os.PathLike[str], n_train: int, n_test: int, s
         raise ValueError("image_size must be >= 64 (text and small shapes become unreadable below)")
     if n_train < 0 or n_test < 0:
         raise ValueError("record counts must be >= 0")
-    world = _World.make(seed, image_size)
+    world = World.make(seed, image_size)
     out = Path(out_dir)
     counts: dict[str, dict[str, int]] = {}
     for split, n in (("train", n_train), ("test", n_test)):

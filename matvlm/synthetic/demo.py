@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .convert import summarize_conversion
-from .data.llava import load_records
-from .data.synth import generate_world
-from .distill import DistillConfig, distill
-from .eval.runner import evaluate, read_model_info
-from .io import load_processor, load_vlm
+from matvlm.model.convert import summarize_conversion
+from matvlm.data.llava import load_records
+from matvlm.synthetic.world import generate_world
+from matvlm.distill import DistillConfig, distill
+from matvlm.eval.runner import evaluate
+from matvlm.io import load_processor, load_vlm, read_model_info
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
 
@@ -53,7 +53,7 @@ def ensure_teacher(cfg: DemoConfig, out: Path) -> tuple[Path, bool]:
         return Path(cfg.teacher), True
     if (SHIPPED_TEACHER / "config.json").exists():
         return SHIPPED_TEACHER, True
-    from .teacher import TeacherConfig, train_teacher
+    from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 
     teacher_dir = out / "teacher"
     if not (teacher_dir / "config.json").exists():
@@ -94,7 +94,7 @@ def distillation_records(world: Path, skip_families: tuple[str, ...]) -> Path:
 
 def decode_speed(model, image_tokens: int, new_tokens: int = 64) -> float:
     """Greedy decode tokens/s at batch 1 in matvlm's engine (the same engine for teacher and hybrid)."""
-    from .engine import Engine
+    from matvlm.engine import Engine
 
     cfg = model.config
     size = cfg.vision_config.image_size

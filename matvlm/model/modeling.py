@@ -18,8 +18,8 @@ from transformers import (
 )
 from transformers import initialization as init
 
-from .config import MaTVLMConfig
-from .mixer import Mamba2Mixer, initial_ssm_values
+from matvlm.model.config import MaTVLMConfig
+from matvlm.model.mixer import Mamba2Mixer, initial_ssm_values
 
 
 class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):

@@ -1,14 +1,10 @@
-"""Loading and saving model directories: clear errors for what is not a model, atomic writes."""
+"""Loading model directories: clear errors for what is not a model; copying their side files."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
@@ -89,28 +85,3 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copy2(item, Path(dst) / item.name)
             copied.append(item.name)
     return copied
-
-
-@contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out` and rename it into place only if the block succeeds.
-
-    An interrupted write leaves no directory that looks like a finished one at `out`.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

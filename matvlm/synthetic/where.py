@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .scene import BACKGROUNDS, COLORS, GRID, SHAPES, SIZES, Obj, place, render
+from matvlm.synthetic.scene import BACKGROUNDS, COLORS, GRID, SHAPES, SIZES, Obj, place, render
 
 __all__ = ["where_records"]
 

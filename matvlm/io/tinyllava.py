@@ -48,13 +48,14 @@ from transformers import (
     PretrainedConfig,
 )
 
-from .config import MaTVLMConfig
-from .data.llava import build_image_processor
-from .data.templates import get_template
-from .data.tokenizer import TokenizerError, check_tokenizer
-from .eval.runner import MODEL_INFO_FILE
-from .io import atomic_directory
-from .modeling import MaTVLMForConditionalGeneration
+from matvlm.model.config import MaTVLMConfig
+from matvlm.data.llava import build_image_processor
+from matvlm.data.templates import get_template
+from matvlm.data.tokenizer import TokenizerError, check_tokenizer
+from matvlm.devices import DTYPES
+from matvlm.io.files import atomic_directory
+from matvlm.io.model_info import MODEL_INFO_FILE
+from matvlm.model.modeling import MaTVLMForConditionalGeneration
 
 IMAGE_TOKEN = "<image>"
 SUPPORTED_LMS = ("phi", "llama")
@@ -65,7 +66,6 @@ STRATEGIES = {"patch": "default", "cls_patch": "full"}
 # TinyLLaVA conversation templates (conv_version) -> ours; the LM decides when the config names none.
 TEMPLATES = {"phi": "phi", "llama": "vicuna_v1", "pretrain": "plain"}
 DEFAULT_TEMPLATE = {"phi": "phi", "llama": "vicuna_v1"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 # Non-persistent buffers that old transformers versions saved; today's models rebuild them.
 STALE_BUFFERS = (".position_ids", ".rotary_emb.inv_freq")

@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from matvlm.data.llava import SupervisedDataset, _pixel_values, record_words
-from matvlm.data.scene import render
-from matvlm.data.synth import FAMILIES, GENERATOR_VERSION, TEXT_FAMILIES, TRAIN_ONLY_FAMILIES, _World, make_record
+from matvlm.data.llava import SupervisedDataset, pixel_values_of, record_words
+from matvlm.synthetic.scene import render
+from matvlm.synthetic.world import FAMILIES, GENERATOR_VERSION, TEXT_FAMILIES, TRAIN_ONLY_FAMILIES, World, make_record
 from matvlm.data.templates import IMAGE_TOKEN
 
 _BLOCK = 4096  # records per word-count job
 
 
 @functools.lru_cache(maxsize=4)
-def _world(seed: int, image_size: int) -> _World:
-    return _World.make(seed, image_size)
+def _world(seed: int, image_size: int) -> World:
+    return World.make(seed, image_size)
 
 
 def _block_words(job: tuple) -> list[int]:
@@ -144,7 +144,7 @@ class GeneratedDataset(SupervisedDataset):
                          **kwargs)
 
     def _load_pixels(self, record, index):
-        pixels = _pixel_values(self.image_processor, render(record["scene"]))
+        pixels = pixel_values_of(self.image_processor, render(record["scene"]))
         return pixels if self.pixel_dtype is None else pixels.to(self.pixel_dtype)
 
     @property

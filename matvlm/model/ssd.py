@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from matvlm.model import kernels
 
 Tensor = torch.Tensor
 
