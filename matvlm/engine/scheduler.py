@@ -115,7 +115,8 @@ def capture_sizes(max_batch: int) -> list[int]:
 class Scheduler:
     """Continuous batching over one `Engine`; see the module docstring.
 
-    max_queue: requests that may wait for a row; `submit` raises `QueueFull` beyond it.
+    max_queue: requests that may wait for a row (beyond those that free rows will take at the next round);
+        `submit` raises `QueueFull` beyond it.
     stop_token_ids: stop ids for every request (the model's EOS and the chat template's end), added
         to each request's own.
     """
@@ -154,7 +155,8 @@ class Scheduler:
         """Queue a request (thread-safe). Raises ValueError (see `check`) or QueueFull."""
         self.check(request)
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            free = sum(r is None for r in self.rows)  # requests beyond the free rows wait: those are bounded
+            if len(self._waiting) - free >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the queue holds {self.max_queue})")
             request.submitted_at = time.monotonic()
             if request.seed is not None and not request.params.greedy:

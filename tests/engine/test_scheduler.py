@@ -116,10 +116,10 @@ def test_seeded_sampling_under_load_equals_alone(model, prompts):
 
 def test_cancel_timeout_queue_and_length_limits(prompts):
     model = load_vlm(TEACHER)
-    scheduler = Scheduler(Engine(model, max_batch_size=1, max_seq_len=120), max_queue=2)
-    first = scheduler.submit(Request(*prompts[0], max_new_tokens=40, stop_at_eos=False))
-    second = scheduler.submit(Request(*prompts[1], max_new_tokens=3, stop_at_eos=False))
-    with pytest.raises(QueueFull, match="queue holds 2"):
+    scheduler = Scheduler(Engine(model, max_batch_size=1, max_seq_len=120), max_queue=1)
+    first = scheduler.submit(Request(*prompts[0], max_new_tokens=40, stop_at_eos=False))  # will take the free row
+    second = scheduler.submit(Request(*prompts[1], max_new_tokens=3, stop_at_eos=False))  # waits
+    with pytest.raises(QueueFull, match="queue holds 1"):
         scheduler.submit(Request(*prompts[2], max_new_tokens=3))
     with pytest.raises(ValueError, match="cache holds 120"):
         scheduler.check(Request(*prompts[0], max_new_tokens=60))
