@@ -410,6 +410,29 @@ def demo(
         fail(str(err))
 
 
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(8, help="Requests decoded at once (cache rows)."),
+    max_seq_len: int = typer.Option(2048, help="Cache slots per request: prompt + answer."),
+    max_queue: int = typer.Option(64, help="Requests that may wait for a row; more get 429."),
+    timeout: float = typer.Option(600.0, help="Per-request limit in seconds."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)."),
+    name: str = typer.Option(None, help="Model name in the API (default: the directory's name)."),
+) -> None:
+    """OpenAI-compatible server with continuous batching and a chat page at / (see docs/serving.md)."""
+    from matvlm.serve import serve_command
+
+    try:
+        serve_command(model_dir, host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len,
+                      max_queue=max_queue, request_timeout_s=timeout, device=device, dtype=dtype, name=name)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+
+
 def main() -> None:
     app()
 

@@ -96,7 +96,7 @@ class EngineCache:
         self.values: dict[int, torch.Tensor] = values
         self.conv: dict[int, torch.Tensor] = conv
         self.ssm: dict[int, torch.Tensor] = ssm
-        self.slot = slot  # (1,) long: where this step's keys and values go
+        self.slot = slot  # (rows,) long: where each row's keys and values go this step
 
     @classmethod
     def allocate(cls, model: nn.Module, batch: int, seq_len: int, dtype: torch.dtype, device) -> EngineCache:
@@ -109,7 +109,7 @@ class EngineCache:
                 m = s.mixer
                 conv[i] = torch.zeros(batch, m.conv_dim, m.conv_kernel, dtype=dtype, device=device)
                 ssm[i] = torch.zeros(batch, m.num_heads, m.head_dim, m.state_size, dtype=torch.float32, device=device)
-        return cls(keys, values, conv, ssm, torch.zeros(1, dtype=torch.long, device=device))
+        return cls(keys, values, conv, ssm, torch.zeros(batch, dtype=torch.long, device=device))
 
     def view(self, batch: int, kv_len: int) -> EngineCache:
         """The first `batch` rows and `kv_len` slots; writes go to the shared buffers."""
@@ -118,7 +118,7 @@ class EngineCache:
             {i: t[:batch, :, :kv_len] for i, t in self.values.items()},
             {i: t[:batch] for i, t in self.conv.items()},
             {i: t[:batch] for i, t in self.ssm.items()},
-            self.slot,
+            self.slot[:batch],
         )
 
     def nbytes(self) -> CacheBytes:
@@ -127,24 +127,36 @@ class EngineCache:
         return CacheBytes(kv=kv, mixer=mixer)
 
     @torch.no_grad()
-    def load_prefill(self, hf_cache, prompt_len: int) -> None:
-        """Copy a transformers `DynamicCache` filled by a prefill of `prompt_len` slots into rows [:batch]."""
+    def load_prefill(self, hf_cache, prompt_len: int, row: int = 0) -> None:
+        """Copy a transformers `DynamicCache` filled by a prefill of `prompt_len` slots into rows
+        [row:row + batch]."""
         for i, k in self.keys.items():
             layer = hf_cache.layers[i]
-            batch = layer.keys.shape[0]
-            k[:batch, :, :prompt_len].copy_(layer.keys)
-            self.values[i][:batch, :, :prompt_len].copy_(layer.values)
+            end = row + layer.keys.shape[0]
+            k[row:end, :, :prompt_len].copy_(layer.keys)
+            self.values[i][row:end, :, :prompt_len].copy_(layer.values)
         for i, c in self.conv.items():
             layer = hf_cache.layers[i]
             state = layer.conv_states[0]
-            c[: state.shape[0]].copy_(state)
-            self.ssm[i][: state.shape[0]].copy_(layer.recurrent_states[0])
+            end = row + state.shape[0]
+            c[row:end].copy_(state)
+            self.ssm[i][row:end].copy_(layer.recurrent_states[0])
+
+    @torch.no_grad()
+    def reset_row(self, row: int) -> None:
+        """Zero one row's keys, values, conv window and SSM state, so a reused row carries nothing over
+        (masked keys are harmless only while they are finite)."""
+        for d in (self.keys, self.values, self.conv, self.ssm):
+            for t in d.values():
+                t[row].zero_()
 
     # ---- the cache interface the decoder layers call during decode (one token, in place) -------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k.index_copy_(2, self.slot, key_states.to(k.dtype))
-        v.index_copy_(2, self.slot, value_states.to(v.dtype))
+        # Each row writes at its own slot (rows of a continuous batch are at different lengths).
+        where = self.slot.view(-1, 1, 1, 1).expand(key_states.shape[0], k.shape[1], 1, k.shape[3])
+        k.scatter_(2, where, key_states.to(k.dtype))
+        v.scatter_(2, where, value_states.to(v.dtype))
         return k, v
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:

@@ -187,7 +187,7 @@ class Engine:
         """One token for rows [:batch] at slot `cache.slot` (< kv_len); returns (batch, vocab) float32 logits."""
         view = self.cache.view(batch, kv_len)
         valid, tokens, positions = self.key_valid[:batch, :kv_len], self.tokens[:batch], self.positions[:batch]
-        valid.index_fill_(1, self.cache.slot, True)
+        valid.scatter_(1, view.slot[:, None], True)
         mask = (~valid)[:, None, None, :].to(self.dtype) * torch.finfo(self.dtype).min  # additive, all heads
         positions = positions[:, None]
         hidden = self._lm.embed_tokens(tokens[:, None])
@@ -205,7 +205,16 @@ class Engine:
 
     def _decode(self, batch: int, slot: int) -> torch.Tensor:
         self.cache.slot.fill_(slot)
-        kv_len = self._bucket(slot)
+        return self._replay(batch, self._bucket(slot))
+
+    @torch.no_grad()
+    def decode_rows(self, batch: int, slots: Sequence[int]) -> torch.Tensor:
+        """One decode step for rows [:batch], row i writing its token (in `tokens`) at `slots[i]`: rows of a
+        continuous batch sit at different lengths. Returns (batch, vocab) float32 logits."""
+        self.cache.slot[:batch].copy_(torch.as_tensor(slots, dtype=torch.long))
+        return self._replay(batch, self._bucket(max(slots)))
+
+    def _replay(self, batch: int, kv_len: int) -> torch.Tensor:
         if not self.use_cuda_graph:
             return self._step_fn(batch, kv_len)
         graph, logits = self._graphs[(batch, kv_len)]
@@ -237,17 +246,28 @@ class Engine:
             self._graphs[(batch_size, kv_len)] = (graph, logits)
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+    @torch.no_grad()
+    def prefill_row(self, row: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Prefill one unpadded prompt (1, L) into cache row `row` (first cleared); returns (1, vocab) float32
+        logits of its last position. The same computation as a batch-1 `generate`, so its answer matches."""
+        input_ids, attention_mask, pixel_values = self._check_inputs(input_ids, None, pixel_values, 1)
+        if input_ids.shape[0] != 1 or not 0 <= row < self.max_batch_size:
+            raise ValueError(f"prefill_row takes one prompt and a row in 0..{self.max_batch_size - 1}")
+        self.cache.reset_row(row)
+        return self._prefill(input_ids, attention_mask, pixel_values, row)
+
+    def _prefill(self, input_ids, attention_mask, pixel_values, row: int = 0) -> torch.Tensor:
         batch, width = input_ids.shape
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             position_ids=position_ids, use_cache=True, logits_to_keep=1,
         )
-        self.cache.load_prefill(out.cache, width)
-        self.key_valid[:batch].zero_()
-        self.key_valid[:batch, :width] = attention_mask.bool()
-        self.positions[:batch] = attention_mask.sum(-1)
+        self.cache.load_prefill(out.cache, width, row)
+        rows = slice(row, row + batch)
+        self.key_valid[rows].zero_()
+        self.key_valid[rows, :width] = attention_mask.bool()
+        self.positions[rows] = attention_mask.sum(-1)
         return out.logits[:, -1].float()
 
     # ------------------------------------------------------------------ checks

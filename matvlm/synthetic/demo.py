@@ -23,8 +23,7 @@ from matvlm.synthetic.world import generate_world
 from matvlm.distill import DistillConfig, distill
 from matvlm.eval.runner import evaluate
 from matvlm.io import load_processor, load_vlm, read_model_info
-
-SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+from matvlm.synthetic import SHIPPED_TEACHER
 
 
 @dataclass
