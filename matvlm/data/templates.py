@@ -276,7 +276,7 @@ def _two_sep(name: str, system: str, end: str) -> ChatTemplate:
 TEMPLATES: dict[str, ChatTemplate] = {
     "phi": _two_sep("phi", _USER_SYSTEM, "<|endoftext|>"),
     # phi without the system prompt: for teachers trained from scratch, where a long constant prefix
-    # delays learning (benchmarks/teacher_runs.md). Real TinyLLaVA checkpoints use "phi".
+    # lengthens the plateau before a small model learns look-ups. Real TinyLLaVA checkpoints use "phi".
     "phi_short": ChatTemplate(
         name="phi_short", system="", system_sep="", user_prefix="USER: ", user_suffix=" ",
         assistant_prompt="ASSISTANT:", answer_prefix=" ", end="<|endoftext|>", eos_token="<|endoftext|>",
