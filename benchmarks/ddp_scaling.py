@@ -1,4 +1,4 @@
-"""Distillation throughput on N processes (DDP through accelerate) against one, at the same global batch (issue 5).
+"""Distillation throughput on N processes (DDP through accelerate) against one, at the same global batch.
 
     accelerate launch --num_processes N benchmarks/ddp_scaling.py --out ddp_N.json [--shape tinyllava-3b|tiny]
         [--global-batch 8] [--micro-batch B] [--tokens 1428] [--steps 10] [--warmup 3] [--ratio 0.25]
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
     teacher = build_teacher(args.shape, device, dtype, seed=SEED)
     config = teacher.config
     student = to_hybrid(teacher, ratio=args.ratio)
-    distiller = Distiller(teacher, student, LossSettings(gamma_ce=0.0), train_connector=True)  # times KL + layer, as before
+    distiller = Distiller(teacher, student, LossSettings(gamma_ce=0.0), train_connector=True)  # times KL + layer, as scale_3b.py does
     del teacher  # the distiller keeps what it needs; the rest is shared with the student
     for m in distiller.trainable_modules():
         m.float()  # fp32 master weights; autocast runs the matmuls in bf16

@@ -1,7 +1,7 @@
-"""How long one distillation epoch over YOUR data takes, from a measured throughput (issue 4).
+"""How long one distillation epoch over YOUR data takes, from a measured throughput.
 
     python benchmarks/epoch_projection.py --teacher runs/tinyllava-hf --data sharegpt4v_mix665k.json \
-        --bench benchmarks/results/scale_3b_h100_b4_liger_compilelayers.json [--sample 20000] [--out proj.json]
+        --bench benchmarks/results/distill_3b_h100_2026-11/scale_3b_h100_b4_liger_compilelayers.json [--sample 20000] [--out proj.json]
 
 `scale_3b.py` projects an epoch as if every record had the 1,428-token maximum. Real records are shorter:
 this script counts the exact tokens of (a random sample of) the data set with the teacher's tokenizer and

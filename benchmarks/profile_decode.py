@@ -1,6 +1,6 @@
-"""Where a decode step's time goes: kernels per step and GPU time by kind, teacher vs hybrids (issue 6).
+"""Where a decode step's time goes: kernels per step and GPU time by kind, teacher vs hybrids.
 
-    python benchmarks/profile_decode.py --out benchmarks/results/decode_profile_h100.json [--contexts 1024]
+    python benchmarks/profile_decode.py --out decode_profile.json [--contexts 1024]
     python benchmarks/profile_decode.py --out OUT.json --contexts 1024,16384 --compile --no-profile
 
 For each model (TinyLLaVA-3.1B shape, random weights, bf16): the CUDA-graph step time from

@@ -1,7 +1,7 @@
 """The paper's scale on one GPU, random weights: a TinyLLaVA-Phi-2-SigLIP-3.1B-shaped teacher, converted at
-25% and distilled at 1,428 tokens (728 image tokens), batch 1, bf16 (issue 4, item 5).
+25% and distilled at 1,428 tokens (728 image tokens), batch 1, bf16.
 
-    python benchmarks/scale_3b.py --out benchmarks/scale_3b_h100.json [--steps 12] [--ratio 0.25]
+    python benchmarks/scale_3b.py --out scale_3b.json [--steps 12] [--ratio 0.25]
 
 Reports: build and conversion time and peak memory, then per distillation step (after warm-up) the time,
 tokens/s, peak memory, model FLOPs utilisation and the projected time of one epoch of the 665k-record mix

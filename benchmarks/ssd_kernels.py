@@ -1,6 +1,6 @@
 """Check and time the GPU scan kernel against the float64 sequential recurrence (run on a CUDA machine).
 
-    python benchmarks/ssd_kernels.py --out benchmarks/ssd_kernels_h100.json
+    python benchmarks/ssd_kernels.py --out ssd_kernels.json
 
 Relative error ||out - ref|| / ||ref|| for y, the final state and the gradients of x, dt, A, B, C, D and
 the initial state, on several shapes (head dim 80 = Phi-2, lengths that are not multiples of the chunk),

@@ -13,7 +13,7 @@ from torch.autograd import DeviceType
 def quiet_window_start(start: int, periods: list[int], steps: int = 10) -> int:
     """The first step >= `start` whose window of `steps` steps holds no checkpoint or evaluation (steps that are
     multiples of a period). The loop profiles steps start..start+steps-1 and the work after each but the last, so a
-    save or held-out evaluation there would be counted as step time (session 8's first profile held one)."""
+    save or held-out evaluation there would be counted as step time."""
     if start <= 0:
         return start
     periods = [p for p in periods if p > 0]
@@ -66,7 +66,7 @@ class StepProfiler:
             "gpu_busy": round(device_us / 1e6 / wall, 3) if wall else 0.0,
             "kernels_per_step": round(kernels / n, 1),
         }
-        # By host time too: a small model's step is often bound by the host (session 9: GPU busy 10%).
+        # By host time too: a small model's step is often bound by the host (GPU busy as little as 10%).
         sorts = ([("by GPU time", "self_cuda_time_total")] if device_us else []) + [("by host time", "self_cpu_time_total")]
         tables = "".join(f"\n{title}\n{events.table(sort_by=key, row_limit=30, max_name_column_width=60)}\n"
                          for title, key in sorts)

@@ -1,6 +1,6 @@
 """Tiny random LLaVA teachers built from configs: for tests and for trying the tools offline.
 
-Two families, as the method needs to support both:
+Two LM architectures, as the method needs to support both:
 - "phi":   SigLIP-style vision (no CLS token, all patches kept) + Phi LM (partial rotary, MHA, biases),
            the shape of TinyLLaVA-Phi-2-SigLIP;
 - "llama": CLIP-style vision (CLS token dropped, "default" strategy) + Llama LM with GQA,

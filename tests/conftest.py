@@ -54,7 +54,7 @@ def greedy_no_cache(model, input_ids, pixel_values, steps, banned):
 
 
 def load_benchmark(name: str):
-    """A script of benchmarks/ (not a package) as a module, e.g. load_benchmark("distill_ablations")."""
+    """A script of benchmarks/ (not a package) as a module, e.g. load_benchmark("epoch_projection")."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -576,7 +576,7 @@ class LengthGroupedSampler(Sampler[int]):
         tail = [batches.pop()] if len(batches[-1]) < b else []  # a partial batch stays last
         # Batches in random order: a mega-batch read in its sorted order would run from its longest records to
         # its shortest, and the world's lengths follow the family, so a run would see tens of steps of one family,
-        # then tens of another (session 17: 25 steps of recall, then 25 of repeat).
+        # then tens of another (e.g. 25 steps of recall, then 25 of repeat).
         batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()] + tail
         order = [i for batch in batches for i in batch]
         # The longest record to the very front (swapping two items keeps every batch boundary where it was).

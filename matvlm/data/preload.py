@@ -25,7 +25,7 @@ def _to_numpy(items: list[dict], pixel_dtype: torch.dtype | None = None) -> list
     # Workers hand back numpy arrays, pickled by value: thousands of shared-memory tensors would each
     # take a file descriptor and exhaust the limit. Pixels are cast here, in the single-threaded workers:
     # in the main process every image's cast fanned out over all cores' intra-op threads, and four runs on
-    # one host preloaded 40x slower (session 10). numpy has no bf16, so the cast pixels travel as raw bits.
+    # one host preloaded 40x slower. numpy has no bf16, so the cast pixels travel as raw bits.
     out = []
     for item in items:
         item = dict(item)

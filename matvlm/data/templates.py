@@ -1,6 +1,6 @@
 """Chat templates: how a LLaVA conversation becomes one training string, and which parts are supervised.
 
-Three families, matching the reference implementations character for character:
+Three template styles, matching the reference implementations character for character:
 
 * ``phi`` (TinyLLaVA-Phi-2, the MaTVLM teacher)::
 
@@ -59,7 +59,7 @@ class ChatTemplate:
     assistant_prompt: str
     answer_prefix: str
     end: str
-    eos_token: str  # the tokenizer eos of this model family (pad = eos for our tokenizers)
+    eos_token: str  # the tokenizer eos of this LM (pad = eos for matvlm's own tokenizers)
     keep_question: bool = True  # False for "plain": only the image placeholder of a question remains
     max_turns: int | None = None
     image_token: str = IMAGE_TOKEN
@@ -276,7 +276,7 @@ def _two_sep(name: str, system: str, end: str) -> ChatTemplate:
 TEMPLATES: dict[str, ChatTemplate] = {
     "phi": _two_sep("phi", _USER_SYSTEM, "<|endoftext|>"),
     # phi without the system prompt: for teachers trained from scratch, where a long constant prefix
-    # delays learning (benchmarks/teacher_runs.md). Real TinyLLaVA checkpoints use "phi".
+    # lengthens the plateau before a small model learns look-ups. Real TinyLLaVA checkpoints use "phi".
     "phi_short": ChatTemplate(
         name="phi_short", system="", system_sep="", user_prefix="USER: ", user_suffix=" ",
         assistant_prompt="ASSISTANT:", answer_prefix=" ", end="<|endoftext|>", eos_token="<|endoftext|>",

@@ -50,7 +50,7 @@ def train_tokenizer(
     tokenizer does) instead of a lone "Ġ" token before it. With the lone space, copying a number from the
     context is no longer the plain induction step (find the earlier place where the current token occurs,
     copy the token after it): every number follows the same "Ġ". Small LMs then copy *a* stated number but
-    never learn which (benchmarks/probes/recall_format.log); with the space kept they learn the look-up.
+    never learn which; with the space kept they learn the look-up.
     """
     if digit_group < 1:
         raise ValueError(f"digit_group must be >= 1, got {digit_group}")

@@ -140,8 +140,8 @@ def to_hybrid(
     """Build a hybrid from a Llava teacher; the teacher is left unchanged.
 
     Every parameter outside the mixers is a bit-identical copy of the teacher's. Defaults follow the
-    released MaTVLM setup (attention biases dropped, random conv); `attn_bias` and `conv_init` exist for
-    the ablations.
+    released MaTVLM setup (attention biases dropped, random conv); `attn_bias` and `conv_init` are
+    init variants.
     """
     if not isinstance(teacher, LlavaForConditionalGeneration):
         raise TypeError(f"teacher must be a LlavaForConditionalGeneration, got {type(teacher).__name__}")

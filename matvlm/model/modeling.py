@@ -62,7 +62,7 @@ class MaTVLMForConditionalGeneration(LlavaForConditionalGeneration):
         """torch.compile each decoder layer and the vision tower, in place: the same modules and state_dict
         keys, so the distiller's shared weights, checkpoints and FSDP groups are unchanged. Fusing the
         element-wise work around the matmuls halved a 3.1B distillation step on an H100
-        (benchmarks/scale_3b.md). Lengths vary between batches: shapes become dynamic after a recompile.
+        (docs/results.md). Lengths vary between batches: shapes become dynamic after a recompile.
         `mode`: torch.compile's (e.g. "reduce-overhead" adds CUDA graphs)."""
         compile_llava_layers(self, mode)
 

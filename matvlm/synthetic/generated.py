@@ -1,7 +1,7 @@
 """The synthetic world's training records made on demand, in the DataLoader's workers, instead of read from disk.
 
-A teacher that reads the same 100k records dozens of times learns them by heart: session 10 measured 81% on
-training records against 62% held out. Records are deterministic in (seed, split, index), so any number of them
+A teacher that reads the same 100k records dozens of times learns them by heart (81% on
+training records against 62% held out, measured on the world). Records are deterministic in (seed, split, index), so any number of them
 can be made on the fly: record i here is the record that `matvlm data synth --train N` writes as i (same seed
 and image size), and its image is the one that PNG holds. Nothing is written, and nothing is kept in memory but
 one word count per record (for length-grouped batches).
@@ -41,7 +41,7 @@ def _block_words(job: tuple) -> list[int]:
 
 
 def without_image(record: dict[str, Any]) -> dict[str, Any]:
-    """A chat record as text only: no image, no placeholder (the recall probes' records)."""
+    """A chat record as text only: no image, no placeholder (for text-only recall records)."""
     turns = [dict(t) for t in record["conversations"]]
     turns[0]["value"] = turns[0]["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
     return {k: v for k, v in record.items() if k not in ("image", "scene")} | {"conversations": turns}

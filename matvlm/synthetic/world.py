@@ -4,7 +4,7 @@
 families that mirror the paper's benchmarks (perception, counting, spatial relations, OCR-like copying,
 POPE-like presence, multiple choice, captions, multi-turn follow-ups, long-context associative recall).
 
-Design choices (see shared/design/synthetic-world.md):
+Design choices:
 - every record carries its scene, and `answer_from_scene` recomputes the answer by parsing the question
   text against the same templates, so the data can be checked, not trusted;
 - the test split uses its own RNG stream and contains combinations never seen in training
@@ -47,19 +47,17 @@ FAMILIES: dict[str, str] = {
     "recall": "exact",
 }
 # Training-only families: made for a teacher's training mix (`GeneratedRecords`), never written to a test split
-# nor scored. Without dense copying in its data a small LM never learns the recall look-up
-# (benchmarks/probes/recall_format.log, findings 13-14):
+# nor scored. Without dense copying in its data a small LM does not learn the recall look-up:
 # - repeat: plain text (a prompt-completion record, no chat template, no image): 8-24 words, then the same
-#   words again, the second copy supervised. In the probes this is what starts the look-up;
-# - copy: the same inside a chat record ("Repeat these words: ..." -> the words), which the probes learned as a
-#   copy without the look-up following;
-# - recall_short: recall with 0-RECALL_SHORT_MAX_FILLER filler turns, a distance curriculum: the probe that learned
-#   the look-up had no filler turns, the teacher's recall stage with the world's 0-96 did not (session 16);
-# - recall_next: recall with no filler turn, the question right after the facts' acknowledgement: with 0-3 filler
-#   turns neither the teacher (session 17, 600 CPU steps) nor the probe from the same LM (finding 22) started the
-#   look-up where the probe with none did (finding 17);
-# - ocr_pseudo: OCR of made-up words (consonant-vowel syllables), which no word prior can guess: session 16's
-#   teacher read every seen word and none of the held-out ones, answering a seen word of similar shape.
+#   words again, the second copy supervised. This is what starts the look-up;
+# - copy: the same inside a chat record ("Repeat these words: ..." -> the words), learned as a copy without the
+#   look-up following;
+# - recall_short: recall with 0-RECALL_SHORT_MAX_FILLER filler turns, a distance curriculum (the world's recall
+#   has 0-96 filler turns);
+# - recall_next: recall with no filler turn, the question right after the facts' acknowledgement: the shortest
+#   distance, where a small LM starts the look-up;
+# - ocr_pseudo: OCR of made-up words (consonant-vowel syllables), which no word prior can guess, so a teacher
+#   learns to read letters instead of answering a seen word of similar shape.
 TRAIN_ONLY_FAMILIES: dict[str, str] = {"copy": "exact", "repeat": "exact", "recall_short": "exact",
                                        "recall_next": "exact", "ocr_pseudo": "vqa"}
 TEXT_FAMILIES: tuple[str, ...] = ("repeat",)  # plain-text records: no scene, no image
@@ -768,7 +766,7 @@ def _fam_multiturn(g: _Gen) -> _Draft:
 
 
 def _fam_recall(g: _Gen, n_filler: int | None = None) -> _Draft:
-    """`n_filler` fixes the number of filler turns (probes, curricula); None draws it as the world does."""
+    """`n_filler` fixes the number of filler turns (curricula); None draws it as the world does."""
     rng = g.rng
     objs = g.place(g.objects(rng.randint(5, 10)))
     keys: list[tuple[str, str]] = [(rng.choice(list(COLORS)), rng.choice(RECALL_NOUNS))]
