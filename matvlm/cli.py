@@ -114,12 +114,17 @@ def convert(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Turn a Llava teacher into a hybrid: swap attention for Mamba-2 mixers, initialised from Q/K/V/O."""
+    from matvlm.io import read_model_type
     from matvlm.io.outputs import check_output_dir
     from matvlm.options import check_at_least
 
     if ratio is None and layers is None:
         ratio = 0.25
     check_at_least(1, chunk_size=chunk_size, context=context)
+    try:
+        read_model_type(teacher_dir)  # an input that is not a model is said first
+    except (ValueError, OSError) as err:
+        fail(str(err))
     say_notes(check_output_dir(out_dir, {"teacher": teacher_dir}, overwrite=overwrite, option="OUT_DIR"))
     try:
         convert_and_save(

@@ -43,11 +43,11 @@ def input_clash(out: str | os.PathLike[str], inputs: dict[str, Iterable[str | os
                 continue
             source = _resolved(path)
             if target == source:
-                return f"it is the {role} ({path})"
+                return f"it is the {role} ({path}): writing it would replace the {role}"
             if _inside(source, target):
-                return f"it contains the {role} ({path})"
+                return f"it contains the {role} ({path}): replacing it would delete the {role}"
             if source.is_dir() and _inside(target, source):
-                return f"it lies inside the {role} ({path})"
+                return f"it lies inside the {role} ({path}): inputs are never written into"
     return None
 
 
@@ -61,8 +61,7 @@ def check_output_dir(out: str | os.PathLike[str], inputs: dict, *, overwrite: bo
     out = Path(out)
     clash = input_clash(out, inputs)
     if clash:
-        raise OutputError(f"refusing to write {option} {out}: {clash}; writing there would replace it. "
-                          "Choose another output folder")
+        raise OutputError(f"refusing to write {option} {out}: {clash}. Choose another output folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out} is a file, not a folder")
     notes = clean_interrupted_writes(out)
