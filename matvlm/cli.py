@@ -329,6 +329,11 @@ def distill(
         if cfg.data and not cfg.images:
             cfg.images = [str(Path(cfg.data).parent / "images")]
         say_notes(check_distill_outputs(cfg, overwrite=overwrite, resume=resume))
+        if cfg.eval_data:  # held-out records are scored after training: refuse unscorable ones now
+            from matvlm.data.llava import load_records
+
+            held_out = Path(cfg.eval_data)
+            usable_records(load_records(held_out)[: cfg.eval_records], held_out, None, skip_bad=False)
         summary = run_distill(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         fail(str(err))

@@ -169,3 +169,13 @@ def test_convert_and_synth_counts(tmp_path):
     refused(["data", "synth", str(tmp_path / "w"), "--train", "0", "--test", "0"], "nothing to generate")
     refused(["data", "synth", str(tmp_path / "w"), "--train", "1", "--image-size", "8"], "image_size must be >= 64")
     assert not (tmp_path / "w").exists()
+
+
+def test_distill_refuses_held_out_records_it_could_not_score(world_and_teacher, tmp_path):
+    world, teacher = world_and_teacher
+    records = json.loads((world / "test.json").read_text())
+    del records[0]["answers"]
+    (tmp_path / "held_out.json").write_text(json.dumps(records))
+    refused(["distill", "--teacher", str(teacher), "--data", str(world / "train.json"), "--out", str(tmp_path / "h"),
+             "--eval-data", str(tmp_path / "held_out.json")], "has no answers")
+    assert not (tmp_path / "h.run").exists()
