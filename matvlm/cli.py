@@ -408,7 +408,9 @@ def eval_command(
     except (ValueError, OSError) as err:
         fail(str(err))
     template = model_template(model_dir, tokenizer, template)
-    meta = dict(model=str(model_dir), data=str(data), images=[str(f) for f in folders], device=device,
+    # Absolute paths: `matvlm rescore` may run from another folder.
+    meta = dict(model=str(model_dir.resolve()), data=str(data.resolve()), images=[str(f.resolve()) for f in folders],
+                device=device,
                 template=template, max_new_tokens=max_new_tokens)
     log = PredictionLog(predictions_path(out))
     try:
