@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import typer
 from rich.console import Console
@@ -19,6 +21,28 @@ console = Console()
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")  # messages hold [lists] that are not markup
     raise typer.Exit(code=2)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the errors meant for the user (matvlm.errors.UserError) and a diverged loss into one sentence and exit
+    status 2, for any command; other exceptions stay tracebacks (they are bugs)."""
+    from matvlm.errors import UserError
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            fail(str(err))
+        except FloatingPointError as err:  # a NaN or infinite loss: the message names the step
+            fail(f"training stopped: {err}")
+
+    return run
+
+
+def say_notes(notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -75,6 +99,7 @@ def convert_and_save(teacher_dir: Path, out_dir: Path, overwrite: bool, context:
 
 
 @app.command()
+@user_errors
 def convert(
     teacher_dir: Path = typer.Argument(..., help="HF Llava-format teacher directory."),
     out_dir: Path = typer.Argument(..., help="Where to write the hybrid."),
@@ -89,15 +114,25 @@ def convert(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Turn a Llava teacher into a hybrid: swap attention for Mamba-2 mixers, initialised from Q/K/V/O."""
+    from matvlm.io import read_model_type
+    from matvlm.io.outputs import check_output_dir
+    from matvlm.options import check_at_least
+
     if ratio is None and layers is None:
         ratio = 0.25
+    check_at_least(1, chunk_size=chunk_size, context=context)
+    try:
+        read_model_type(teacher_dir)  # an input that is not a model is said first
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    say_notes(check_output_dir(out_dir, {"teacher": teacher_dir}, overwrite=overwrite, option="OUT_DIR"))
     try:
         convert_and_save(
             teacher_dir, out_dir, overwrite, context,
             ratio=ratio, placement=placement, mamba_layers=parse_layers(layers) if layers else None,
             attn_bias=attn_bias, conv_init=conv_init, chunk_size=chunk_size, seed=seed,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+    except (ValueError, OSError, TypeError) as err:  # OSError: what transformers raises for unreadable weights
         fail(str(err))
 
 
@@ -106,6 +141,7 @@ app.add_typer(data_app, name="data")
 
 
 @data_app.command("synth")
+@user_errors
 def data_synth(
     out_dir: Path = typer.Argument(..., help="Where to write images/, train.json, test.json, world.json."),
     train: int = typer.Option(20000, help="Training records."),
@@ -113,12 +149,27 @@ def data_synth(
     seed: int = typer.Option(0, help="World seed (the test split uses its own stream and held-out combinations)."),
     image_size: int = typer.Option(128, help="Image side in pixels."),
     workers: int = typer.Option(1, help="Processes (the output is identical for any number)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Generate the synthetic visual-QA world in LLaVA JSON format."""
+    from matvlm.errors import OptionError
+    from matvlm.io import atomic_directory
+    from matvlm.io.outputs import check_output_dir
+    from matvlm.options import check_at_least
     from matvlm.synthetic.world import generate_world
 
+    check_at_least(0, train=train, test=test)
+    check_at_least(1, workers=workers)
+    if train + test == 0:
+        raise OptionError("--train and --test are both 0: nothing to generate")
+    say_notes(check_output_dir(out_dir, {}, overwrite=overwrite, option="OUT_DIR"))
     started = time.perf_counter()
-    info = generate_world(out_dir, train, test, seed=seed, image_size=image_size, progress=True, workers=workers)
+    try:
+        # Written aside and renamed into place: a stopped run leaves no half world at OUT_DIR.
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            info = generate_world(tmp, train, test, seed=seed, image_size=image_size, progress=True, workers=workers)
+    except ValueError as err:
+        fail(str(err))
     elapsed = time.perf_counter() - started
     table = Table(title=f"synthetic world v{info['generator_version']} (seed {seed})")
     table.add_column("family")
@@ -132,6 +183,7 @@ def data_synth(
 
 
 @app.command()
+@user_errors
 def teacher(
     data: Path = typer.Option(..., help="World directory (train.json, test.json, images/)."),
     out: Path = typer.Option(..., help="Output model directory (HF Llava + processor)."),
@@ -148,9 +200,11 @@ def teacher(
     generated_start: int = typer.Option(None, help="With --generated-train N: records START .. START + N - 1 "
                                         "(fresh records for a continuation)."),
     resume: bool = typer.Option(True, help="Continue from the last checkpoint in OUT.run/ if there is one."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists and is not this run's own output."),
 ) -> None:
     """Train a small LLaVA teacher from scratch (progress bar, periodic eval, atomic checkpoints, resume)."""
     from matvlm.eval.report import results_table
+    from matvlm.io.outputs import check_output_dir
     from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 
     fields = json.loads(config.read_text()) if config else {}
@@ -163,22 +217,31 @@ def teacher(
         cfg = TeacherConfig(**fields)
     except (TypeError, ValueError) as err:
         fail(f"bad teacher config{f' {config}' if config else ''}: {err}")
+    own = resume and (out.with_name(out.name + ".run") / "config.json").exists()  # a finished run, resumed
+    inputs = {"world": data, "teacher to start from": cfg.init_from or None}
+    for folder in (out, out.with_name(out.name + ".run")):
+        say_notes(check_output_dir(folder, inputs, overwrite=overwrite or folder != out, own_output=own))
     results = train_teacher(cfg, resume=resume)
     if results is not None:  # None in the other processes of a multi-GPU run
         console.print(results_table(results, title=f"teacher held-out scores ({out})"))
 
 
 @app.command("teacher-export")
+@user_errors
 def teacher_export(
     run_dir: Path = typer.Argument(..., help="A teacher run folder (OUT.run/: config.json, tokenizer/, checkpoints)."),
     out: Path = typer.Argument(..., help="Output model directory (HF Llava + processor + held-out scores)."),
     weights: Path = typer.Option(None, help="A safetensors file of the run's weights to use instead of its last checkpoint."),
     data: Path = typer.Option(None, help="World directory, if not the one the run recorded."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Write a teacher from a run that has not finished (its last checkpoint), evaluated on the held-out set."""
     from matvlm.eval.report import results_table
+    from matvlm.io.outputs import check_output_dir
     from matvlm.synthetic.teacher import export_teacher
 
+    say_notes(check_output_dir(out, {"run folder": run_dir, "weights file": weights, "world": data},
+                               overwrite=overwrite, option="OUT"))
     try:
         results = export_teacher(run_dir, out, weights=weights, data=data)
     except (FileNotFoundError, ValueError) as err:
@@ -187,6 +250,7 @@ def teacher_export(
 
 
 @app.command("import-tinyllava")
+@user_errors
 def import_tinyllava_command(
     src_dir: Path = typer.Argument(..., help="TinyLLaVA_Factory checkpoint directory (config.json with model_type 'tinyllava')."),
     out_dir: Path = typer.Argument(..., help="Where to write the HF Llava-format checkpoint."),
@@ -195,8 +259,10 @@ def import_tinyllava_command(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Convert a TinyLLaVA checkpoint into an HF Llava-format one (Phi's lm_head bias kept: model type 'matvlm')."""
+    from matvlm.io.outputs import check_output_dir
     from matvlm.io.tinyllava import import_tinyllava
 
+    say_notes(check_output_dir(out_dir, {"TinyLLaVA checkpoint": src_dir}, overwrite=overwrite, option="OUT_DIR"))
     try:
         summary = import_tinyllava(src_dir, out_dir, dtype=dtype, template=template, overwrite=overwrite)
     except (ValueError, FileExistsError) as err:
@@ -205,6 +271,7 @@ def import_tinyllava_command(
 
 
 @app.command()
+@user_errors
 def distill(
     teacher: Path = typer.Option(None, help="Teacher directory (HF Llava format)."),
     out: Path = typer.Option(None, help="Output hybrid directory (the run itself lives in OUT.run/)."),
@@ -235,11 +302,15 @@ def distill(
     logit_impl: str = typer.Option(None, help="KL/CE kernels: chunked (torch, default) | liger (fused; CUDA + liger-kernel)."),
     sharding: str = typer.Option(None, help="auto (FSDP2 under `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2."),
     resume: bool = typer.Option(False, help="Continue the run in OUT.run/ from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists and is not this run's own output."),
+    skip_bad: bool = typer.Option(None, help="Leave out bad records (listed) instead of stopping before training."),
 ) -> None:
     """Distil a hybrid from its teacher in one stage (KL + layer-wise + optional CE); one GPU or many via
     `accelerate launch -m matvlm.cli distill ...`."""
     from matvlm.distill import DistillConfig
     from matvlm.distill import distill as run_distill
+    from matvlm.io.outputs import check_distill_outputs
+    from matvlm.options import check_distill_options
     from matvlm.training import end_process_group
 
     overrides = dict(
@@ -250,12 +321,19 @@ def distill(
         layer_loss=layer_loss, normalize=normalize, train_connector=train_connector, steps=steps, batch_size=batch_size, lr=lr,
         max_batch_tokens=max_batch_tokens, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers,
         eval_data=eval_data and str(eval_data), num_workers=num_workers, seed=seed, logit_impl=logit_impl,
-        sharding=sharding,
+        sharding=sharding, skip_bad=skip_bad,
     )
     try:
         cfg = DistillConfig.from_file(config, **overrides)
+        check_distill_options(cfg, source=str(config or ""))
         if cfg.data and not cfg.images:
             cfg.images = [str(Path(cfg.data).parent / "images")]
+        say_notes(check_distill_outputs(cfg, overwrite=overwrite, resume=resume))
+        if cfg.eval_data:  # held-out records are scored after training: refuse unscorable ones now
+            from matvlm.data.llava import load_records
+
+            held_out = Path(cfg.eval_data)
+            usable_records(load_records(held_out)[: cfg.eval_records], held_out, None, skip_bad=False)
         summary = run_distill(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         fail(str(err))
@@ -280,6 +358,7 @@ def lmms_eval_command(ctx: typer.Context) -> None:
 
 
 @app.command("eval")
+@user_errors
 def eval_command(
     model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
     data: Path = typer.Option(..., help="Test records (LLaVA JSON)."),
@@ -289,51 +368,156 @@ def eval_command(
     limit: int = typer.Option(0, help="Only the first N records (0: all)."),
     per_family: int = typer.Option(0, help="Only the first N records of each family (0: all), e.g. to score a "
                                    "sample of training records against the held-out ones."),
-    out: Path = typer.Option(None, help="Results JSON (default: MODEL_DIR/eval-<data name>.json)."),
+    out: Path = typer.Option(None, help="Results JSON (default: ./eval-<model>-<data>.json). The answers are written "
+                             "as they are made to OUT's .predictions.jsonl (see `matvlm rescore`)."),
     template: str = typer.Option(None, help="Chat template (default: the model's, else guessed from its tokenizer)."),
-    skip_bad: bool = typer.Option(False, help="Count and report bad records instead of stopping at the first."),
+    skip_bad: bool = typer.Option(False, help="Count and report bad records instead of stopping before generating."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
 ) -> None:
     """Evaluate a model on held-out records: per-family scores, a table and a JSON file."""
-    import torch
     from transformers import AutoTokenizer
 
     from matvlm.data.llava import BadRecordError, DataError, load_records
-    from matvlm.eval.report import results_table
-    from matvlm.eval.runner import evaluate, first_per_family
-    from matvlm.io import model_template, write_json_atomic
-    from matvlm.io import load_image_processor, load_vlm
+    from matvlm.data.tokenizer import check_tokenizer
+    from matvlm.eval.predictions import PredictionLog, predictions_path
+    from matvlm.eval.runner import generate_answers
+    from matvlm.io import load_image_processor, load_vlm, model_template, read_model_type
+    from matvlm.io.outputs import check_output_file
+    from matvlm.options import check_at_least, check_max_new_tokens, resolve_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_at_least(1, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_at_least(0, limit=limit, per_family=per_family)
+    device = resolve_device(device)
+    folders = images or [data.parent / "images"]
+    # Under the working directory by default: never into the model folder (for the shipped teacher, the package).
+    out = out or Path(f"eval-{model_dir.resolve().name}-{data.stem}.json")
+    inputs = {"model": model_dir, "records file": data, "image folder": folders}
+    check_output_file(out, inputs)
+    check_output_file(predictions_path(out), inputs, option="predictions file")
     try:
-        model = load_vlm(model_dir, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_processor = load_image_processor(model_dir)
         loaded = load_records(data, skip_bad=skip_bad)
         records, problems = loaded if skip_bad else (loaded, [])
-    except (ValueError, FileNotFoundError, OSError) as err:
+        records = select_records(records, data, per_family, limit)
+        records, unusable = usable_records(records, data, folders, skip_bad)
+        read_model_type(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        check_tokenizer(tokenizer)  # before the model loads: a tokenizer without <image> cannot evaluate it
+        model = load_vlm(model_dir, device=device)
+        check_max_new_tokens(max_new_tokens, model.config)
+        image_processor = load_image_processor(model_dir)
+    except (ValueError, OSError) as err:
         fail(str(err))
+    template = model_template(model_dir, tokenizer, template)
+    # Absolute paths: `matvlm rescore` may run from another folder.
+    meta = dict(model=str(model_dir.resolve()), data=str(data.resolve()), images=[str(f.resolve()) for f in folders],
+                device=device,
+                template=template, max_new_tokens=max_new_tokens)
+    log = PredictionLog(predictions_path(out))
+    try:
+        run = generate_answers(model, tokenizer, image_processor, records, folders, template, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, skip_bad=skip_bad, source=data, on_batch=log.add)
+    except (BadRecordError, DataError) as err:
+        log.close()
+        fail(f"{err} (answers so far: {log.partial})")
+    meta.update(generated_tokens=run.new_tokens, generation_seconds=run.seconds,
+                bad_records=[str(p) for p in problems] + unusable + run.problems)
+    log.finish(meta)
+    write_scores(records, run.predictions, meta, out, log.path, title=f"{model_dir.name} on {data.name}")
+
+
+def select_records(records: list[dict], data: Path, per_family: int, limit: int) -> list[dict]:
+    """The first `per_family` of each family, then the first `limit` (0: all); none left is an error."""
+    from matvlm.errors import InputError
+    from matvlm.eval.runner import first_per_family
+
     if per_family:
         records = first_per_family(records, per_family)
     if limit:
         records = records[:limit]
-    template = model_template(model_dir, tokenizer, template)
-    folders = images or [data.parent / "images"]
+    if not records:
+        raise InputError(f"no records to evaluate in {data}")
+    return records
+
+
+def usable_records(records: list[dict], data: Path, folders: list[Path] | None,
+                   skip_bad: bool) -> tuple[list[dict], list[str]]:
+    """Refuse (or, with skip_bad, leave out and list) records that could not be scored or whose image cannot be
+    read (`folders`; None: images not checked), all found before generating."""
+    from matvlm.data.checks import SHOWN, image_problems
+    from matvlm.errors import InputError
+    from matvlm.eval.checks import scoring_problems
+
+    problems = scoring_problems(records, data)
+    if folders is not None:
+        for index, problem in enumerate(image_problems(records, folders)):
+            if problem is not None:
+                problems.setdefault(index, str(problem))
+    listed = [problems[i] for i in sorted(problems)]
+    if listed and not skip_bad:
+        rest = ", ".join(repr(records[i].get("id")) for i in sorted(problems)[SHOWN:])
+        more = f"\n  and {len(listed) - SHOWN} more: {rest}" if rest else ""
+        raise InputError(f"{len(listed)} record(s) of {data} cannot be evaluated:\n  " + "\n  ".join(listed[:SHOWN])
+                         + more + "\nfix them, or pass --skip-bad to leave them out")
+    kept = [r for i, r in enumerate(records) if i not in problems]
+    if not kept:
+        raise InputError(f"no record of {data} can be evaluated")
+    return kept, listed
+
+
+def write_scores(records: list[dict], predictions: dict[str, str], meta: dict, out: Path, predictions_file: Path,
+                 title: str) -> None:
+    """Score, write the results JSON and print the table; a failure names the kept predictions file."""
+    from matvlm.eval.metrics import score_records
+    from matvlm.eval.report import results_table
+    from matvlm.io import write_json_atomic
+
     try:
-        results = evaluate(model, tokenizer, image_processor, records, folders, template,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, skip_bad=skip_bad, source=data)
-    except (BadRecordError, DataError) as err:
-        fail(str(err))
-    results["bad_records"] = [str(p) for p in problems] + results["bad_records"]
-    results.update(model=str(model_dir), data=str(data), device=device, template=template)
-    out = out or model_dir / f"eval-{data.stem}.json"
-    write_json_atomic(out, results)
-    console.print(results_table(results, title=f"{model_dir.name} on {data.name}"))
-    console.print(f"{results['tokens_per_second']:.0f} generated tokens/s on {device}; "
+        results = score_records([r for r in records if str(r["id"]) in predictions], predictions)
+        seconds = meta.get("generation_seconds") or 0.0
+        results.update(tokens_per_second=meta.get("generated_tokens", 0) / seconds if seconds else 0.0,
+                       generated_tokens=meta.get("generated_tokens", 0), generation_seconds=seconds,
+                       bad_records=meta.get("bad_records", []), model=meta.get("model"), data=meta.get("data"),
+                       device=meta.get("device"), template=meta.get("template"), predictions=str(predictions_file))
+        write_json_atomic(out, results)
+    except (ValueError, OSError) as err:
+        fail(f"{err}; the answers are kept in {predictions_file}: score them again with "
+             f"`matvlm rescore {predictions_file} --out FILE`")
+    console.print(results_table(results, title=title))
+    console.print(f"{results['tokens_per_second']:.0f} generated tokens/s on {results['device']}; "
                   f"{len(results['bad_records'])} bad records skipped; results in {out}")
 
 
 @app.command()
+@user_errors
+def rescore(
+    predictions: Path = typer.Argument(..., help="A .predictions.jsonl file written by `matvlm eval`."),
+    data: Path = typer.Option(None, help="The records the answers are for (default: those the file names)."),
+    out: Path = typer.Option(None, help="Results JSON (default: PREDICTIONS without .predictions.jsonl, .json)."),
+) -> None:
+    """Score answers that `matvlm eval` generated, without the model (after a scoring or writing error)."""
+    from matvlm.data.llava import load_records
+    from matvlm.errors import InputError
+    from matvlm.eval.predictions import read_predictions
+    from matvlm.io.outputs import check_output_file
+
+    meta, answers = read_predictions(predictions)
+    data = data or (Path(meta["data"]) if meta.get("data") else None)
+    if data is None:
+        raise InputError(f"{predictions} does not name its records file; pass --data")
+    out = out or predictions.with_name(predictions.name.removesuffix(".predictions.jsonl") + ".json")
+    check_output_file(out, {"records file": data, "predictions file": predictions})
+    try:
+        records = load_records(data)
+    except ValueError as err:
+        fail(str(err))
+    if not any(str(r["id"]) in answers for r in records):
+        raise InputError(f"none of the {len(answers)} answers in {predictions} belongs to a record of {data}")
+    records, _ = usable_records([r for r in records if str(r["id"]) in answers], data, None, skip_bad=False)
+    write_scores(records, answers, meta, out, predictions, title=f"{Path(meta.get('model', '?')).name} on {data.name}")
+
+
+@app.command()
+@user_errors
 def generate(
     model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
     image: Path = typer.Option(None, help="Image file (omit for a text-only prompt)."),
@@ -367,9 +551,10 @@ def generate(
 
 
 @app.command()
+@user_errors
 def bench(
     shape: str = typer.Option("tinyllava-3b", help="tinyllava-3b (random weights, TinyLLaVA-Phi-2-SigLIP-3.1B shape) | tiny."),
-    out: Path = typer.Option(Path("benchmarks"), help="Folder for bench_<device>.json, .md and plots (merged into)."),
+    out: Path = typer.Option(Path("runs/bench"), help="Folder for bench_<device>.json, .md and plots (merged into)."),
     parts: str = typer.Option("decode,memory,batch,ttft", help="Comma-separated parts."),
     max_length: int = typer.Option(16384, help="Longest generated length in the decode part."),
     max_memory_length: int = typer.Option(32768, help="Longest length in the memory part."),
@@ -385,7 +570,13 @@ def bench(
 ) -> None:
     """Speed and memory, teacher vs hybrids in the same engine: tokens/s, memory, batch, TTFT, plots."""
     from matvlm.bench import bench_command
+    from matvlm.io.outputs import check_output_dir
+    from matvlm.options import check_at_least, resolve_device
 
+    check_at_least(1, max_length=max_length, max_memory_length=max_memory_length, batch_context=batch_context)
+    check_at_least(0, hf_max_length=hf_max_length)
+    device = resolve_device(device)
+    check_output_dir(out, {}, overwrite=True)  # merged into by design; never the package
     try:
         results = bench_command(shape, out, parts, max_length, max_memory_length, hf_max_length, ratios, teacher,
                                 engines, contexts, batch_context, device, dtype, fresh)
@@ -395,22 +586,29 @@ def bench(
 
 
 @app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output directory (report, models, world)."),
     teacher: Path = typer.Option(None, help="Teacher directory (default: the shipped teacher)."),
     ratio: float = typer.Option(0.25, help="Fraction of decoder layers to replace."),
     minutes: float = typer.Option(4.0, help="Distillation budget in minutes (steps calibrated on this machine)."),
+    overwrite: bool = typer.Option(False, help="Start afresh in OUT even if it holds another demo or other files."),
 ) -> None:
     """The method end to end, offline: convert, distil, evaluate teacher vs hybrid, speed and memory, report."""
+    from matvlm.options import check_range
     from matvlm.synthetic.demo import DemoConfig, run_demo
 
+    check_range("ratio", ratio, 0, 1, low_open=True, high_open=True)
+    check_range("minutes", minutes, 0, float("inf"), low_open=True, high_open=True)
     try:
-        run_demo(DemoConfig(out=str(out), teacher=str(teacher) if teacher else "", ratio=ratio, minutes=minutes))
+        run_demo(DemoConfig(out=str(out), teacher=str(teacher) if teacher else "", ratio=ratio, minutes=minutes,
+                            overwrite=overwrite))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 
 
 @app.command()
+@user_errors
 def serve(
     model_dir: Path = typer.Argument(..., help="Teacher or hybrid directory."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -424,8 +622,15 @@ def serve(
     name: str = typer.Option(None, help="Model name in the API (default: the directory's name)."),
 ) -> None:
     """OpenAI-compatible server with continuous batching and a chat page at / (see docs/serving.md)."""
+    from matvlm.options import check_at_least, resolve_device
     from matvlm.serve import serve_command
 
+    check_at_least(1, max_batch=max_batch, port=port)
+    check_at_least(2, max_seq_len=max_seq_len)
+    check_at_least(0, max_queue=max_queue)
+    if timeout <= 0:
+        fail(f"--timeout must be > 0, got {timeout}")
+    device = resolve_device(device)
     try:
         serve_command(model_dir, host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len,
                       max_queue=max_queue, request_timeout_s=timeout, device=device, dtype=dtype, name=name)

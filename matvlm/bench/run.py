@@ -209,7 +209,7 @@ def _split(text: str, kind: Callable, what: str) -> tuple:
 
 def bench_command(
     shape: str = "tinyllava-3b",
-    out: str | Path = "benchmarks",
+    out: str | Path = "runs/bench",
     parts: str = ",".join(PARTS),
     max_length: int = 16384,
     max_memory_length: int = 32768,
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m matvlm.bench ...`: the same options as `matvlm bench`, for machines without typer."""
     p = argparse.ArgumentParser(prog="python -m matvlm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="tinyllava-3b", choices=SHAPES)
-    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--out", default="runs/bench")
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--max-length", type=int, default=16384)
     p.add_argument("--max-memory-length", type=int, default=32768)

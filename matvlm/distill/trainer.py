@@ -40,10 +40,12 @@ from tqdm.auto import tqdm
 
 from matvlm.model.convert import to_hybrid
 from matvlm.data.preload import PreloadedDataset
-from matvlm.data.llava import SupervisedDataset, collate, load_records, warn_truncated_answers
+from matvlm.data.checks import checked_records
+from matvlm.data.llava import SupervisedDataset, collate, warn_truncated_answers
 from matvlm.eval.runner import evaluate
 from matvlm.io import (MODEL_INFO_FILE, atomic_directory, copy_side_files, load_processor, load_vlm, model_template,
                        read_model_info, write_json_atomic)
+from matvlm.io.fingerprint import check_same_inputs, input_fingerprints
 from matvlm.training import (
     EpochOrder,
     check_same_run,
@@ -127,6 +129,8 @@ class DistillConfig:
     eval_records: int = 512
     save_dtype: str = "auto"  # auto: the teacher's dtype
     sharding: str = "auto"  # auto (FSDP2 when `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2
+    skip_bad: bool = False  # leave out (and list) bad records found by the scan before training, instead of stopping
+    fingerprints: dict = field(default_factory=dict)  # of teacher, student, data: set at the start, matched on resume
 
     def loss_settings(self) -> LossSettings:
         names = {f.name for f in fields(LossSettings)}
@@ -243,7 +247,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     checkpoints = list_checkpoints(run_dir)
     if checkpoints and not resume:
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume, or use a new --out")
+    cfg.fingerprints = input_fingerprints(cfg.teacher, cfg.student, cfg.data)
     if checkpoints:
+        check_same_inputs(run_dir / "config.json", cfg.fingerprints,
+                          {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data})
         check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
 
     bf16 = cfg.bf16 and (on_gpu or cfg.bf16_cpu)
@@ -263,7 +270,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     processor = load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
     template = model_template(cfg.teacher, tokenizer, cfg.template)
-    records = load_records(cfg.data)
+    records = checked_records(cfg.data, cfg.images, skip_bad=cfg.skip_bad, log=print if main else None)
     dataset = SupervisedDataset(
         records, cfg.images, tokenizer, processor.image_processor, template,
         num_image_tokens=student.config.image_seq_length, max_length=cfg.max_length, source=cfg.data,
@@ -314,7 +321,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         dataset, batch_sampler=sampler, collate_fn=pad,
         num_workers=0 if cfg.preload else cfg.num_workers, pin_memory=on_gpu,
     )
-    eval_records = load_records(cfg.eval_data)[: cfg.eval_records] if cfg.eval_data else []
+    eval_records = checked_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad, limit=cfg.eval_records,
+                                   log=print if main else None) if cfg.eval_data else []
     logs = _Logs(run_dir, enabled=main)
     bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (progress and main))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from matvlm.data.llava import collate, generation_inputs
 from matvlm.data.templates import IMAGE_TOKEN
@@ -120,14 +119,17 @@ def generate_command(
     """
     from transformers import AutoTokenizer
 
-    from matvlm.io import model_template
-    from matvlm.io import load_image_processor, load_vlm
+    from matvlm.errors import OptionError
+    from matvlm.io import load_image_processor, load_vlm, model_template
+    from matvlm.options import check_max_new_tokens, resolve_device
 
     # Cheap checks first: a typo should not cost a model load.
     SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k)
+    if max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if image is not None and not Path(image).is_file():
         raise FileNotFoundError(f"image file {image} not found")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device)
     model = load_vlm(model_dir, dtype=torch_dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -137,6 +139,7 @@ def generate_command(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate([item], pad_token_id=pad, padding_side="left")
     prompt_len = batch["input_ids"].shape[1]
+    check_max_new_tokens(max_new_tokens, model.config, prompt_len)  # the engine allocates a cache for all of them
     engine = Engine(model, max_batch_size=1, max_seq_len=prompt_len + max_new_tokens, use_cuda_graph=use_cuda_graph)
     stops = stop_ids_for(engine, tokenizer)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,12 +50,16 @@ def generate_answers(
     skip_bad: bool = False,
     progress: bool = True,
     source: str | Path | None = None,
+    on_batch: Callable[[dict[str, str]], None] | None = None,
 ) -> GenerationRun:
     """Greedy answers for the last turn of each record, in left-padded batches of similar length.
 
     A bad record (missing or corrupt image, malformed conversation) stops the run with its id, or is
-    counted in `problems` and skipped when `skip_bad`.
+    counted in `problems` and skipped when `skip_bad`. `on_batch` receives each batch's answers (id -> text) as
+    soon as they exist, e.g. to write them before anything later can fail.
     """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     device = next(model.parameters()).device
     num_image_tokens = model.config.image_seq_length
     run = GenerationRun()
@@ -97,12 +101,16 @@ def generate_answers(
             torch.cuda.synchronize()
         run.seconds += time.perf_counter() - began
         new = out[:, batch["input_ids"].shape[1] :].cpu()
+        answers = {}
         for row, record_id in enumerate(batch["ids"]):
             tokens = new[row].tolist()
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             run.new_tokens += len(tokens)
-            run.predictions[str(record_id)] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[str(record_id)] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        run.predictions.update(answers)
+        if on_batch is not None:
+            on_batch(answers)
         bar.update(len(batch["ids"]))
     bar.close()
     return run
@@ -113,6 +121,11 @@ def evaluate(model, tokenizer, image_processor, records: Sequence[dict], image_f
     """Generate (see `generate_answers` for the options) and score; returns score_records' result plus
     throughput and the bad records that were skipped."""
     run = generate_answers(model, tokenizer, image_processor, records, image_folders, template, **generate_kwargs)
+    return score_run(records, run)
+
+
+def score_run(records: Sequence[dict], run: GenerationRun) -> dict:
+    """score_records' result for the records that were answered, plus throughput and the bad records skipped."""
     scored_records = [r for r in records if str(r["id"]) in run.predictions]
     results = score_records(scored_records, run.predictions)
     results["tokens_per_second"] = run.tokens_per_second

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
+from matvlm.io.weights import check_weight_files
+
 SUPPORTED_MODEL_TYPES = ("llava", "matvlm")
 # Files of a model directory that are not weights or the model config: tokenizer, processor, templates.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -44,6 +46,7 @@ def load_vlm(path: str | Path, dtype=None, device: str | None = None) -> PreTrai
     Default dtype: float32 on the CPU, bfloat16 on a GPU, whatever the checkpoint was saved in.
     """
     read_model_type(path)
+    check_weight_files(path)  # a missing or truncated weight file gets a sentence naming it, not a traceback
     import torch
 
     import matvlm  # noqa: F401  (registers the "matvlm" model type)

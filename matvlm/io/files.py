@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -62,17 +63,66 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     return write_text_atomic(path, text)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _writer_pid(name: str, marker: str) -> int | None:
+    """The process id in `.OUT.tmp-PID-XXXX` / `.OUT.old-PID`, or None for a name without one."""
+    head = name.split(marker, 1)[1].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def clean_interrupted_writes(out: str | Path) -> list[str]:
+    """Tidy what an interrupted `atomic_directory(out)` left beside `out`; returns one sentence per action.
+
+    `.OUT.tmp-PID-*` is a half-written new version: removed. `.OUT.old-PID` is the previous version, moved aside
+    just before the new one was renamed in: removed when `out` exists, else put back as `out` (the kill came
+    between the two renames). Only leftovers of processes that are no longer running are touched.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    notes = []
+    for item in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        for marker in (".tmp-", ".old-"):
+            if not item.name.startswith(f".{out.name}{marker}"):
+                continue
+            pid = _writer_pid(item.name, marker)
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue  # a write in progress
+            if marker == ".old-" and not out.exists():
+                try:
+                    os.replace(item, out)
+                except FileNotFoundError:  # another process of the same launch put it back first
+                    continue
+                notes.append(f"restored {out} from {item.name}, left by an interrupted write")
+            else:
+                shutil.rmtree(item, ignore_errors=True)
+                notes.append(f"removed {item}, left by an interrupted write to {out}")
+    return notes
+
+
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `out` and rename it into place only if the block succeeds.
 
-    An interrupted write leaves no directory that looks like a finished one at `out`.
+    An interrupted write leaves no directory that looks like a finished one at `out`; its leftovers are tidied by
+    the next write to `out` (`clean_interrupted_writes`).
     """
     out = Path(out)
+    clean_interrupted_writes(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The writer's pid in the name tells a later write whether this one is still running.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():

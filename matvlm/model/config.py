@@ -40,6 +40,22 @@ class MixerSettings:
     dt_init_floor: float = 1e-4
     A_init_range: tuple[float, float] = field(default=(1.0, 16.0))
 
+    def __post_init__(self) -> None:
+        # Refused here, at conversion, rather than by a ZeroDivisionError in the scan of a saved model.
+        for name in ("hidden_size", "num_heads", "head_dim", "num_groups", "state_size", "conv_kernel", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mixer setting {name} must be an integer >= 1, got {value!r}")
+        if self.num_heads % self.num_groups:
+            raise ValueError(f"mixer setting num_groups ({self.num_groups}) must divide num_heads ({self.num_heads})")
+        if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor < 0 or self.norm_eps <= 0:
+            raise ValueError(f"mixer settings need 0 < dt_min <= dt_max, dt_init_floor >= 0 and norm_eps > 0; got "
+                             f"dt_min={self.dt_min}, dt_max={self.dt_max}, dt_init_floor={self.dt_init_floor}, "
+                             f"norm_eps={self.norm_eps}")
+        low, high = self.A_init_range
+        if not 0 < low <= high:
+            raise ValueError(f"mixer setting A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
+
     @property
     def inner_size(self) -> int:
         return self.num_heads * self.head_dim

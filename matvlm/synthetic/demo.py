@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from matvlm.data.llava import load_records
 from matvlm.synthetic.world import generate_world
 from matvlm.distill import DistillConfig, distill
 from matvlm.eval.runner import evaluate
-from matvlm.io import load_processor, load_vlm, read_model_info
+from matvlm.errors import OutputError, ResumeMismatch
+from matvlm.io import load_processor, load_vlm, read_model_info, write_json_atomic
+from matvlm.io.fingerprint import input_changes, model_fingerprint
+from matvlm.io.outputs import check_output_dir
 from matvlm.synthetic import SHIPPED_TEACHER
 
 
@@ -40,6 +44,11 @@ class DemoConfig:
     # Left out of the distillation records (not of the evaluation): recall records run to ~1,000 tokens, and a
     # CPU budget of minutes is better spent on many short batches. Empty on a GPU.
     skip_families: tuple[str, ...] = ("recall",)
+    overwrite: bool = False  # start afresh in `out` whatever it holds
+
+
+# Which teacher a demo folder belongs to: a later demo there continues it only with the same teacher.
+DEMO_INPUTS = "demo_inputs.json"
 
 
 def _say(message: str) -> None:
@@ -105,9 +114,32 @@ def decode_speed(model, image_tokens: int, new_tokens: int = 64) -> float:
     return engine.generate(ids, max_new_tokens=new_tokens, **kwargs).decode_tokens_per_s
 
 
+def claim_output(cfg: DemoConfig, out: Path) -> None:
+    """Make `out` this demo's folder. A folder of an earlier demo with the same teacher is continued (its runs
+    resume); one with another teacher, or with files that are not a demo's, is refused unless `overwrite`."""
+    teacher = Path(cfg.teacher) if cfg.teacher else SHIPPED_TEACHER if (SHIPPED_TEACHER / "config.json").exists() else None
+    check_output_dir(out, {"teacher": teacher}, overwrite=True)  # never the teacher, whatever overwrite says
+    now = {"teacher": model_fingerprint(teacher) if teacher else "trained in this folder"}
+    paths = {"teacher": str(teacher or out / "teacher")}
+    record = out / DEMO_INPUTS
+    if out.is_dir() and any(out.iterdir()):
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif not record.is_file():
+            raise OutputError(f"--out {out} is not empty and holds no demo; pass --overwrite to replace it, or choose "
+                              "another folder")
+        else:
+            saved = json.loads(record.read_text())
+            changes = input_changes(saved.get("fingerprints", {}), now, saved.get("paths"), paths)
+            if changes:
+                raise ResumeMismatch(f"--out {out} holds a demo of another teacher: " + "; ".join(changes)
+                                     + ". Pass --overwrite to start afresh there, or choose another --out")
+    write_json_atomic(record, {"fingerprints": now, "paths": paths})
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(cfg, out)
     torch.manual_seed(cfg.seed)
     teacher_dir, trained = ensure_teacher(cfg, out)
     _say(f"1. teacher: {teacher_dir}")
