@@ -298,13 +298,18 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
         assert f"PROCESSES {n}" in proc.stdout, proc.stdout[-2000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]
         curves.append(json.loads(line.split(" ", 1)[1]))
-    # Float32 sums in another order: one process sums each loss part over 4 rows, two sum 2 rows each and add the
-    # partial sums, and DDP averages gradients that were summed that way too. Each part then differs by a few
-    # float32 ulps (~1e-7) of its own magnitude, and AdamW's steps carry that on: a relative tolerance (1e-5 of
-    # each value, whatever its scale: the layer loss is ~1e-3, the CE ~5) with no absolute slack. An error in what
-    # is summed or divided (a missing row, a wrong count) is off by percents.
-    torch.testing.assert_close(torch.tensor(curves[1], dtype=torch.float64), torch.tensor(curves[0], dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    one, two = (torch.tensor(c, dtype=torch.float64) for c in curves)  # step, loss, layer, kl, ce
+    assert one[:, 0].tolist() == two[:, 0].tolist() == [1, 2, 3]
+    # Not bit for bit: each process pads its rows to its own longest (other matmul shapes, other float32 rounding),
+    # sums its own rows' losses and gradients, and the partial sums are added; DDP averages gradients summed so
+    # too. Every number then carries float32 rounding errors of the terms it is summed from: a few ulps (~1e-7)
+    # of the per-token log-probabilities (~log V ~ 6) and hidden states. A part that is itself small differs by
+    # more than a few ulps of its own value: the KL (~1e-3) is a difference of cross-entropies of ~6 nats that
+    # nearly cancel. Hence a tolerance relative to each value (1e-5) plus 1e-7 of the step's loss, the scale of
+    # what is summed; measured differences are ~1e-8 (KL) against the 5e-7 allowed, while a wrong count or a
+    # missing row moves a part by percents (KL: ~1e-5).
+    allowed = 1e-5 * two[:, 1:].abs() + 1e-7 * two[:, 1:2].abs()
+    assert ((one[:, 1:] - two[:, 1:]).abs() <= allowed).all(), (one - two).tolist()
 
 
 def test_demo_runs_end_to_end_and_writes_a_report(tiny_teacher, tmp_path):

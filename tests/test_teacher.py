@@ -216,9 +216,9 @@ def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(wo
     first = tmp_path / "first"
     train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
     again = tmp_path / "again"
-    # digit_group 1: numbers are cut into single digits, so the new tokens include spaced digits ("Ġ3")
+    # digit_group 1: numbers are cut into single digits, and with room in the vocabulary BPE learns spaced ones ("Ġ3")
     train_teacher(tiny_cfg(world, again, steps=2, init_from=str(first), number_space=True, digit_group=1,
-                           lr=0.0, save_dtype="float32"), progress=False)
+                           vocab_size=1000, lr=0.0, save_dtype="float32"), progress=False)
     old_tok, new_tok = AutoTokenizer.from_pretrained(first), AutoTokenizer.from_pretrained(again)
     assert not keeps_number_space(old_tok) and keeps_number_space(new_tok)
     old, new = (LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32) for d in (first, again))
@@ -314,7 +314,7 @@ def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
     train_teacher(tiny_cfg(world, straight, patch_lr_scale=0.05), progress=False)
     train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False, stop_at=4)
     train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False)
-    assert history(straight) == history(split)
+    assert exact(history(straight)).tolist() == exact(history(split)).tolist()
     state = load_checkpoint(list_checkpoints(straight.with_name("a.run"))[-1])[1]["optimizer"]
     assert sorted({g["lr_scale"] for g in state["param_groups"]}) == [0.05, 1.0]
 

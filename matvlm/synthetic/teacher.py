@@ -100,7 +100,7 @@ class TeacherConfig:
     patch_lr_scale: float = 1.0
     position_init_std: float = 0.0  # SigLIP's position table starts N(0, this**2) per entry (0: SigLIP's own init)
     warmup: float = 0.03
-    lr_schedule: str = "cosine"  # cosine (to 10% of peak) | constant (the recall probes' schedule), after warm-up
+    lr_schedule: str = "cosine"  # cosine (to 10% of peak) | constant, after warm-up
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_records: int = 1024  # periodic evaluation on the first N held-out records
@@ -114,8 +114,8 @@ class TeacherConfig:
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     # Batches of similar lengths (less padding). Lengths follow the family, so grouped batches hold one or two
-    # families each; false draws every batch at random from the mix, as the recall probes that learn the look-up
-    # do (recall and repeat records in the same batches), at the cost of padding.
+    # families each; false draws every batch at random from the mix (recall and repeat records in the same
+    # batches: how the shipped teacher learned the recall look-up), at the cost of padding.
     length_grouped: bool = True
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     # Train on this many of the world's training records, made on demand in the loader's workers (record i is the
