@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from matvlm.synthetic.world import FAMILIES, TRAIN_ONLY_FAMILIES, generate_world
+from matvlm.synthetic.world import generate_world
 from matvlm.data.llava import load_records
 from matvlm.data.tokenizer import train_tokenizer
 from matvlm.synthetic.teacher import (TeacherConfig, build_teacher, curriculum_order, sdpa_choice, teacher_param_groups,
