@@ -1,8 +1,8 @@
-from matvlm.profiling import quiet_window_start
+from matvlm.training.profiling import quiet_window_start
 
 
 def test_quiet_window_skips_checkpoint_and_evaluation_steps():
-    # session 8: profile_at 3000 with eval_every 3000 profiled the held-out evaluation as step time
+    # profile_at 3000 with eval_every 3000 would profile the held-out evaluation as step time
     assert quiet_window_start(3000, [250, 3000]) == 3001
     start = quiet_window_start(2995, [250, 3000])
     assert start == 3001 and not any(s % 250 == 0 for s in range(start, start + 9))

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from matvlm.synthetic.world import FAMILIES, TRAIN_ONLY_FAMILIES, generate_world
+from matvlm.synthetic.world import generate_world
 from matvlm.data.llava import load_records
 from matvlm.data.tokenizer import train_tokenizer
-from matvlm.synthetic.where import where_records
-from matvlm.synthetic.teacher import (TeacherConfig, build_teacher, compiled_forward, curriculum_order, sdpa_choice,
-                            teacher_param_groups, train_teacher)
+from matvlm.synthetic.teacher import (TeacherConfig, build_teacher, curriculum_order, sdpa_choice, teacher_param_groups,
+                                     train_teacher)
 from matvlm.training import list_checkpoints, load_checkpoint
 
 from .conftest import launch_on_cpu
@@ -38,8 +37,14 @@ def tiny_cfg(world, out, **kw):
 
 
 def history(out):
+    """The log rows (step, loss, grad_norm, lr, tokens, seconds) of the run's last checkpoint."""
     meta = json.loads((list_checkpoints(out.with_name(out.name + ".run"))[-1] / "meta.json").read_text())
     return meta["history"]
+
+
+def exact(rows):
+    """Everything but the wall-clock seconds: what must be the same, bit for bit, in a repeated run."""
+    return torch.tensor([row[:5] for row in rows], dtype=torch.float64)
 
 
 def test_loss_falls_and_output_is_a_standard_llava(world, tmp_path):
@@ -70,7 +75,10 @@ def test_interrupted_run_resumes_with_the_same_losses(world, tmp_path):
     train_teacher(tiny_cfg(world, resumed), progress=False)
     a, b = history(straight), history(resumed)
     assert [row[0] for row in b] == list(range(1, 9))
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=0)
+    torch.testing.assert_close(exact(a), exact(b), rtol=0, atol=0)
+    assert (resumed.with_name("b.run") / "log.csv").read_text().splitlines()[0] == "step,loss,grad_norm,lr,tokens,seconds"
+    straight_weights, resumed_weights = (LlavaForConditionalGeneration.from_pretrained(d).state_dict() for d in (straight, resumed))
+    assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)
 
 
 def test_damaged_checkpoint_is_reported(world, tmp_path):
@@ -98,7 +106,7 @@ def test_preloaded_data_gives_the_same_run(world, tmp_path):
     plain, pre = tmp_path / "plain", tmp_path / "pre"
     train_teacher(tiny_cfg(world, plain, steps=4, save_every=4), progress=False)
     train_teacher(tiny_cfg(world, pre, steps=4, save_every=4, preload=True, num_workers=1), progress=False)
-    torch.testing.assert_close(torch.tensor(history(plain)), torch.tensor(history(pre)), rtol=0, atol=0)
+    torch.testing.assert_close(exact(history(plain)), exact(history(pre)), rtol=0, atol=0)
 
 
 def test_curriculum_warmup_on_some_families(world, tmp_path):
@@ -208,15 +216,15 @@ def test_init_from_a_teacher_of_another_tokenizer_carries_the_embeddings_over(wo
     first = tmp_path / "first"
     train_teacher(tiny_cfg(world, first, steps=2, save_dtype="float32"), progress=False)
     again = tmp_path / "again"
-    # digit_group 1 + all_digit_groups: "Ġ0".."Ġ9" are tokens whatever BPE learns from the tiny world
+    # digit_group 1: numbers are cut into single digits, and with room in the vocabulary BPE learns spaced ones ("Ġ3")
     train_teacher(tiny_cfg(world, again, steps=2, init_from=str(first), number_space=True, digit_group=1,
-                           all_digit_groups=True, lr=0.0, save_dtype="float32"), progress=False)
+                           vocab_size=1000, lr=0.0, save_dtype="float32"), progress=False)
     old_tok, new_tok = AutoTokenizer.from_pretrained(first), AutoTokenizer.from_pretrained(again)
     assert not keeps_number_space(old_tok) and keeps_number_space(new_tok)
     old, new = (LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32) for d in (first, again))
     old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
     spaced = [t for t in new_vocab if t.startswith("Ġ") and t[1:].isdigit() and t not in old_vocab]
-    assert sorted(spaced) == [f"Ġ{d}" for d in range(10)]
+    assert spaced and all(len(t) == 2 for t in spaced)  # "Ġ" and one digit
     for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.lm_head.weight):
         w_old, w_new = get(old).detach(), get(new).detach()
         for token in ("Ġthe", "<image>", old_tok.eos_token):
@@ -264,19 +272,18 @@ def test_init_from_larger_patches_sees_a_zoomed_image(world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [True, "model"])
-def test_compiled_training_forward_gives_the_eager_losses(world, tmp_path, how):
+def test_compiled_training_forward_gives_the_eager_losses(world, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     train_teacher(tiny_cfg(world, eager, steps=3, save_every=3), progress=False, stop_at=3)
     # Run to the end: the final evaluation generates with the layers compiled in place (forced eager).
-    train_teacher(tiny_cfg(world, compiled, steps=3, save_every=3, compile=how, final_eval_records=2), progress=False)
+    train_teacher(tiny_cfg(world, compiled, steps=3, save_every=3, compile=True, final_eval_records=2), progress=False)
     torch.testing.assert_close(torch.tensor(history(eager))[:, 1], torch.tensor(history(compiled))[:, 1], rtol=1e-4, atol=1e-5)
     assert json.loads((compiled / "heldout_scores.json").read_text())["n"] == 2
 
 
-def test_unknown_compile_choice_is_refused():
-    with pytest.raises(ValueError, match="compile: 'fast'"):
-        compiled_forward(None, "fast")
+def test_unknown_compile_choice_is_refused(world):
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        tiny_cfg(world, "unused", compile="model")
 
 
 def test_a_window_of_steps_is_profiled_into_the_run_folder(world, tmp_path):
@@ -300,16 +307,14 @@ def test_patch_learning_rate_scale_and_position_init(world, tmp_path):
     scaled = [g for g in groups if g["lr_scale"] == 0.05]
     assert {id(p) for g in scaled for p in g["params"]} == patch
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    assert len(teacher_param_groups(model, tiny_cfg(world, tmp_path / "t"))) == 2  # default: the old two groups
-    both = teacher_param_groups(model, tiny_cfg(world, tmp_path / "t", patch_lr_scale=0.5, position_lr_scale=30.0))
-    assert [len(g["params"]) for g in both if g["lr_scale"] == 30.0] == [1]  # the position table alone
-    assert [g["lr_scale"] * g["weight_decay"] for g in both if g["weight_decay"]] == pytest.approx([0.1] * 3)
+    assert len(teacher_param_groups(model, tiny_cfg(world, tmp_path / "t"))) == 2  # default: decay and no decay
+    assert [g["lr_scale"] * g["weight_decay"] for g in groups if g["weight_decay"]] == pytest.approx([0.1] * 2)
     # The run uses the scaled rate, and an interrupted run with the option resumes with the same losses.
     straight, split = tmp_path / "a", tmp_path / "b"
     train_teacher(tiny_cfg(world, straight, patch_lr_scale=0.05), progress=False)
     train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False, stop_at=4)
     train_teacher(tiny_cfg(world, split, patch_lr_scale=0.05), progress=False)
-    assert history(straight) == history(split)
+    assert exact(history(straight)).tolist() == exact(history(split)).tolist()
     state = load_checkpoint(list_checkpoints(straight.with_name("a.run"))[-1])[1]["optimizer"]
     assert sorted({g["lr_scale"] for g in state["param_groups"]}) == [0.05, 1.0]
 
@@ -321,39 +326,7 @@ def test_attention_kernels_can_be_chosen(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train_teacher(tiny_cfg(world, a, steps=4, final_eval_records=1), progress=False)
     train_teacher(tiny_cfg(world, b, steps=4, final_eval_records=1, sdpa_backends=["math"]), progress=False)
-    torch.testing.assert_close(torch.tensor(history(a)), torch.tensor(history(b)), rtol=1e-5, atol=1e-6)
-
-
-def test_teacher_tokenizer_can_hold_every_digit_group(world, tmp_path):
-    out = tmp_path / "digits"
-    train_teacher(tiny_cfg(world, out, steps=1, digit_group=2, all_digit_groups=True), progress=False, stop_at=1)
-    tok = AutoTokenizer.from_pretrained(out.with_name("digits.run") / "tokenizer")
-    assert tok.tokenize("3331587054") == ["33", "31", "58", "70", "54"]
-
-
-def test_where_records_join_the_training_set_for_curriculum_stages(world, tmp_path):
-    out = tmp_path / "where"
-    cfg = tiny_cfg(world, out, steps=4, where_records=8, stages=[{"steps": 2, "families": ["where1"]}],
-                   family_weights={"where1": 0})
-    train_teacher(cfg, progress=False, stop_at=4)
-    run = out.with_name("where.run")
-    assert len(list((run / "where").glob("*.png"))) == 16 and len(history(out)) == 4
-    # the same records the run made: its first two batches ask where the one object is, the mix never again
-    records = load_records(Path(world) / "train.json") + where_records(tmp_path / "w", 8, cfg.seed, Path(world) / "world.json", 64)
-    batches = [b for _, b in zip(range(6), curriculum_order(records, [10] * len(records), cfg).iterate(0))]
-    families = [{records[i]["family"] for i in b} for _, b in batches]
-    assert families[0] == families[1] == {"where1"} and not any("where1" in f for f in families[2:])
-
-
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/teacher*.json")), ids=lambda p: p.name)
-def test_committed_teacher_configs_are_valid(path):
-    # a typo found on the GPU machine costs device time: every committed config must build a TeacherConfig
-    cfg = TeacherConfig(data="unused", out="unused", **json.loads(path.read_text()))
-    sdpa_choice(cfg.sdpa_backends)
-    for stage in cfg.stages:
-        assert set(stage) <= {"steps", "families", "max_words"} and stage["steps"] >= 1, stage
-    assert set(cfg.train_only_families) <= set(TRAIN_ONLY_FAMILIES)
-    assert set(cfg.family_weights) <= set(FAMILIES) | set(cfg.train_only_families) | {"where1", "where", "where_list"}
+    torch.testing.assert_close(exact(history(a)), exact(history(b)), rtol=1e-5, atol=1e-6)
 
 
 DDP_TEACHER = """
@@ -401,10 +374,16 @@ def test_two_processes_train_the_teacher_of_one(world, tmp_path, feature_layer, 
         runs.append((history(out), load_file(out / "model.safetensors")))
     (one, weights_one), (two, weights_two) = runs
     assert [r[0] for r in one] == [r[0] for r in two] == [1, 2, 3, 4]
-    assert [r[3] for r in one] == [r[3] for r in two]  # tokens: both processes' rows counted
-    torch.testing.assert_close(torch.tensor([r[1:3] for r in two]), torch.tensor([r[1:3] for r in one]), rtol=1e-5, atol=1e-6)
+    assert [r[4] for r in one] == [r[4] for r in two]  # tokens: both processes' rows counted
+    # Float32 sums in another order (one process sums the CE over all rows, two sum half each and add the
+    # partial sums; DDP adds the gradients the same way): the loss and gradient norm differ by a few float32 ulps
+    # of their magnitude, so a relative tolerance, no absolute one. A wrong count or a missing row is off by
+    # percents. The weights after 4 AdamW steps: Adam divides each gradient by its running RMS, so where a
+    # gradient is ~0 a tiny difference moves a weight by up to ~lr; hence an absolute tolerance of lr / 100.
+    torch.testing.assert_close(torch.tensor([r[1:3] for r in two], dtype=torch.float64),
+                               torch.tensor([r[1:3] for r in one], dtype=torch.float64), rtol=1e-5, atol=0)
     for k in weights_one:
-        torch.testing.assert_close(weights_two[k], weights_one[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights_two[k], weights_one[k], rtol=1e-4, atol=3e-5)
 
 
 def test_host_threads_are_limited_on_a_gpu_only():

@@ -1,6 +1,8 @@
-"""Shared training pieces: schedules, parameter groups, resumable order, micro-batches, checkpoints."""
+"""The training package: schedules, parameter groups, resumable order, micro-batches, checkpoints, and the loop
+itself on a toy job (exact resume, the log, the non-finite loss check)."""
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -9,14 +11,19 @@ import torch
 from matvlm.testing import tiny_llava
 from matvlm.training import (
     EpochOrder,
+    Job,
+    LoopSettings,
     adamw_param_groups,
     list_checkpoints,
     load_checkpoint,
     lr_factor,
     micro_batch_bounds,
     micro_batches,
+    read_log,
     save_checkpoint,
     set_rng_state,
+    start_run,
+    train,
 )
 
 
@@ -107,7 +114,7 @@ def test_checkpoint_round_trip_and_rotation(tmp_path):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     for step in (1, 2, 3):
-        path = save_checkpoint(tmp_path, step, dict(model.state_dict()), opt, {"history": [step]}, keep=2)
+        path = save_checkpoint(tmp_path, step, dict(model.state_dict()), opt.state_dict(), {"history": [step]}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000003"]
     expected = (random.random(), np.random.rand(), torch.rand(1))
     tensors, state, meta = load_checkpoint(path)
@@ -196,3 +203,85 @@ def test_preloaded_pixels_in_the_dtype_asked_for(workers):
     assert half[0]["pixel_values"].dtype == torch.bfloat16
     assert torch.equal(half[2]["pixel_values"], items[2]["pixel_values"].to(torch.bfloat16))
     assert half[3]["pixel_values"] is None and half[3]["input_ids"].dtype == torch.long
+
+
+# ------------------------------------------------------------------------------------------ the loop on a toy job
+@dataclass
+class ToyConfig:
+    out: str
+    lr: float = 0.05
+    steps: int = 6
+    num_workers: int = 0  # resumable: may change between a run and its resumption
+
+
+class ToyJob(Job):
+    """Per-token linear regression of labels from ids; `nan_at`: the loss becomes NaN from that step on."""
+
+    name = "toy"
+    metrics = ("error",)
+    pad_token_id = 0
+
+    def __init__(self, run, nan_at=0):
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(1, 1)
+        gen = torch.Generator().manual_seed(1)
+        lengths = torch.randint(2, 9, (24,), generator=gen).tolist()
+        self.dataset = [{"input_ids": (ids := torch.randint(1, 5, (n,), generator=gen)), "labels": 3 * ids + 1}
+                        for n in lengths]
+        self.order = EpochOrder(lengths, batch_size=4, seed=0)
+        self.run, self.nan_at, self.calls = run, nan_at, 0
+
+    def trainable_state(self):
+        return self.module.state_dict()
+
+    def param_groups(self):
+        return adamw_param_groups(self.module, 0.0)
+
+    def counts(self, batch):
+        return [float(batch["attention_mask"].sum())]
+
+    def loss(self, model, chunk, totals):
+        self.calls += 1
+        mask = chunk["attention_mask"].bool()
+        pred = model(chunk["input_ids"][mask].float()[:, None])[:, 0]
+        error = (pred - chunk["labels"][mask].float()).abs().sum() / totals[0]
+        loss = (pred - chunk["labels"][mask].float()).pow(2).sum() / totals[0]
+        if self.nan_at and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, torch.stack([loss.detach().double(), error.detach().double()])
+
+
+def _toy_run(cfg, resume=True, stop_at=None, nan_at=0, max_batch_tokens=1000):
+    run = start_run(cfg.out, resume)
+    job = ToyJob(run, nan_at)
+    settings = LoopSettings(steps=cfg.steps, lr=cfg.lr, grad_clip=10.0, max_batch_tokens=max_batch_tokens,
+                            save_every=2, num_workers=cfg.num_workers)
+    return train(job, settings, run, cfg, resumable={"num_workers"}, progress=False, stop_at=stop_at), job
+
+
+def test_the_loop_resumes_exactly_and_logs_what_the_job_declares(tmp_path):
+    straight, _ = _toy_run(ToyConfig(str(tmp_path / "a")))
+    assert straight.columns == ["step", "loss", "error", "grad_norm", "lr", "tokens", "seconds"]
+    losses = straight.column("loss")
+    assert losses[-1] < losses[0] and straight.step == 6 and not straight.stopped
+    assert _toy_run(ToyConfig(str(tmp_path / "b")), stop_at=3)[0].stopped
+    with pytest.raises(FileExistsError, match="--resume"):
+        _toy_run(ToyConfig(str(tmp_path / "b")), resume=False)
+    with pytest.raises(ValueError, match=r"options changed \(lr: 0.05 -> 0.1\)"):
+        _toy_run(ToyConfig(str(tmp_path / "b"), lr=0.1))
+    resumed, job = _toy_run(ToyConfig(str(tmp_path / "b"), num_workers=1))  # from step 3's checkpoint
+    assert [row[0] for row in resumed.history] == list(range(1, 7))
+    assert [row[:6] for row in resumed.history] == [row[:6] for row in straight.history]  # bit for bit
+    rows = read_log(tmp_path / "b.run" / "log.csv")
+    assert [r["loss"] for r in rows] == losses and rows[-1]["tokens"] == straight.history[-1][5]
+    tensors, _, meta = load_checkpoint(list_checkpoints(tmp_path / "a.run")[-1])
+    assert meta["step"] == 6 and torch.equal(tensors["weight"], job.module.weight.detach())
+    # micro-batches of a few tokens each give the same step as whole batches (sums over global counts)
+    split, _ = _toy_run(ToyConfig(str(tmp_path / "c")), max_batch_tokens=8)
+    torch.testing.assert_close(torch.tensor(split.column("loss")), torch.tensor(losses), rtol=1e-6, atol=0)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 4: training diverged"):
+        _toy_run(ToyConfig(str(tmp_path / "nan")), nan_at=4)  # one micro-batch a step: the 4th step's
+    assert [p.name for p in list_checkpoints(tmp_path / "nan.run")] == ["checkpoint-00000002"]  # none after it

@@ -14,7 +14,7 @@ trains (fp32) with what is frozen (the run dtype), and each group is gathered on
     the root (the Distiller)                    embeddings, norms, lm_head, teacher connector
 
 Checkpoints and the final model hold full tensors, gathered from every rank and written by rank 0, in
-the same layout as an unsharded run's: a run can resume under the other sharding.
+the same layout as an unsharded run's (matvlm.training.checkpoint): a run can resume under the other sharding.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
-
-from matvlm.training import micro_batch_bounds, row_chunks
 
 SHARDINGS = ("auto", "ddp", "fsdp2")
 
@@ -146,77 +143,3 @@ def root_unsharded(distiller: nn.Module) -> Iterator[None]:
         yield
     finally:
         distiller.reshard()
-
-
-def full_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """CPU copies of full tensors, gathered one at a time from shards (DTensors) where needed.
-
-    A collective: every rank calls it with the same names in the same order; only where `keep` are the
-    copies kept (rank 0 writes; the others need not hold a second full model in memory).
-    """
-    out = {}
-    for name, t in tensors.items():
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if keep:
-            out[name] = full.detach().cpu()
-    return out
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
-    """`optimizer.state_dict()` with full tensors: the layout of an unsharded run. A collective."""
-    sd = optimizer.state_dict()
-    state = {i: full_tensors(sd["state"][i], keep) for i in sorted(sd["state"])}
-    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
-
-
-def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full-tensor optimizer state (any run's checkpoint) into an optimizer over sharded parameters:
-    each rank keeps the slice of every tensor that matches its shard of the parameter."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entry in state["state"].items():
-        p = params[int(index)]
-        if not isinstance(p, DTensor):
-            continue
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.shape == p.shape:  # moments; the step count stays as it is
-                entry[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-    optimizer.load_state_dict(state)
-
-
-class StateOnly:
-    """Stands in for an optimizer where `save_checkpoint` asks for `state_dict()` (a gathered state)."""
-
-    def __init__(self, state: dict | None):
-        self.state = state
-
-    def state_dict(self) -> dict | None:
-        return self.state
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip over all ranks' shards; the norm is the norm of the full gradient."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-def max_over_ranks(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], device=device, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def even_micro_batches(batch: dict, max_tokens: int, multiple: int, count: int) -> list[dict]:
-    """`micro_batches`, with the chunks of most rows halved until there are `count` of them.
-
-    Under FSDP2 every micro-batch runs collectives (parameter all-gathers), so all ranks must run the
-    same number; splitting rows changes no loss (each is a sum divided by a global count). Every rank has
-    the same number of rows, so the rank with the most chunks has at most one row per chunk.
-    """
-    bounds = micro_batch_bounds(batch, max_tokens)
-    while len(bounds) < count:
-        i = max(range(len(bounds)), key=lambda j: bounds[j][1] - bounds[j][0])
-        a, b = bounds[i]
-        if b - a < 2:
-            raise RuntimeError(f"cannot split {bounds[-1][1]} rows into {count} micro-batches")
-        bounds[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-    return row_chunks(batch, bounds, multiple)

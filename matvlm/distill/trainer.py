@@ -1,17 +1,19 @@
 """`matvlm distill`: single-stage distillation of a hybrid from its teacher, on one process or many.
 
-One GPU or several through `accelerate launch`; each process takes its share of every global batch.
-Two ways to use several GPUs (option `sharding`, in a config file or the DistillConfig):
+The loop is matvlm.training's (as `matvlm teacher`'s); this module says what trains and how: the distiller (the
+student's mixers and connector against the teacher's layers and logits), its losses, and the hybrid it writes.
+One GPU or several through `accelerate launch` or `torchrun`; each process takes its share of every global
+batch. Two ways to use several GPUs (option `sharding`, in a config file or the DistillConfig):
 
-- DDP (`accelerate launch --num_processes N -m matvlm.cli distill ...`): every process holds the whole
-  model; gradients are averaged.
+- DDP (`accelerate launch --num_processes N -m matvlm.cli distill ...`, or `torchrun --nproc_per_node N -m
+  matvlm.cli distill ...`): every process holds the whole model; gradients are averaged.
 - FSDP2 (`accelerate launch --num_processes N --use_fsdp --fsdp_version 2 -m matvlm.cli distill ...`, or
   `"sharding": "fsdp2"` under any launcher): for students that do not fit on one card. Every process
   loads the teacher and builds the student on its CPU (host memory: about two model copies per process),
   then torch's `fully_shard` keeps 1/N of each group of tensors on each GPU (see `sharding.py` for the
   groups); a group is gathered while it runs. The distiller chooses its own groups, so accelerate's wrap
-  policy, mixed-precision policy, state-dict type and RAM-efficient loading are not used: bf16 autocast
-  follows the `bf16` option as on one GPU, reshard_after_forward is honoured, CPU offload and accelerate's
+  policy, mixed-precision policy, state-dict type and RAM-efficient loading are not used (nor, under any
+  launcher, accelerate's mixed precision): bf16 autocast follows the `bf16` option as on one GPU, reshard_after_forward is honoured, CPU offload and accelerate's
   activation checkpointing are refused (use --gradient-checkpointing). Held-out evaluation runs on every
   process together. Micro-batches are reduce-scattered one by one (no unsharded gradient copies).
   The default `sharding: auto` picks FSDP2 exactly when the launcher asks for it, else DDP.
@@ -25,57 +27,29 @@ first process, from full tensors) with the teacher's processor.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from matvlm.model.convert import to_hybrid
-from matvlm.data.preload import PreloadedDataset
 from matvlm.data.checks import checked_records
-from matvlm.data.llava import SupervisedDataset, collate, warn_truncated_answers
+from matvlm.data.llava import SupervisedDataset, warn_truncated_answers
+from matvlm.data.preload import PreloadedDataset
+from matvlm.distill.distiller import Distiller, LossSettings
+from matvlm.distill.fused_loss import missing_requirements
+from matvlm.distill.sharding import (launcher_settings, load_weights_everywhere, resolve_sharding, root_unsharded,
+                                     shard_distiller)
 from matvlm.eval.runner import evaluate
 from matvlm.io import (MODEL_INFO_FILE, atomic_directory, copy_side_files, load_processor, load_vlm, model_template,
                        read_model_info, write_json_atomic)
 from matvlm.io.fingerprint import check_same_inputs, input_fingerprints
-from matvlm.training import (
-    EpochOrder,
-    check_same_run,
-    ResumableBatches,
-    adamw_param_groups,
-    list_checkpoints,
-    load_checkpoint,
-    lr_factor,
-    micro_batches,
-    save_checkpoint,
-    set_rng_state,
-)
-from matvlm.distill.distiller import Distiller, LossSettings
-from matvlm.distill.fused_loss import missing_requirements
-from matvlm.distill.sharding import (
-    StateOnly,
-    clip_grad_norm,
-    even_micro_batches,
-    full_optimizer_state,
-    full_tensors,
-    launcher_settings,
-    load_full_optimizer_state,
-    load_weights_everywhere,
-    max_over_ranks,
-    resolve_sharding,
-    root_unsharded,
-    shard_distiller,
-)
+from matvlm.model.convert import to_hybrid
+from matvlm.training import EpochOrder, Job, LoopSettings, Run, adamw_param_groups, start_run, train
+from matvlm.training.checkpoint import full_tensors
+from matvlm.training.distributed import wait_for_everyone
 
-LOG_COLUMNS = ["step", "loss", "layer", "kl", "ce", "grad_norm", "lr", "tokens", "seconds"]
+LOSS_PARTS = ("layer", "kl", "ce")
 
 
 @dataclass
@@ -181,79 +155,93 @@ def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
     return student
 
 
-def _oom_advice(cfg: DistillConfig) -> str:
-    tips = [f"lower --max-batch-tokens (now {cfg.max_batch_tokens})"]
-    if not cfg.gradient_checkpointing:
-        tips.append("turn on --gradient-checkpointing")
-    tips.append(f"or lower --max-length (now {cfg.max_length})")
-    return "out of GPU memory in a distillation step: " + ", ".join(tips) + "; the run can be resumed with --resume"
+class DistillJob(Job):
+    """The weighted sum of the distiller's losses, each a sum over the global batch divided by its count there."""
+
+    name = "distill"
+    metrics = LOSS_PARTS
+
+    def __init__(self, cfg: DistillConfig, distiller: Distiller, dataset, order: EpochOrder, processor, template: str,
+                 run: Run, sharded: bool, reshard_after_forward: bool):
+        self.cfg, self.module, self.dataset, self.order, self.run = cfg, distiller, dataset, order, run
+        self.processor, self.template, self.sharded = processor, template, sharded
+        self.reshard_after_forward = reshard_after_forward
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        self.weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
+        self.eval_records = checked_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad, limit=cfg.eval_records,
+                                            log=print if run.main else None) if cfg.eval_data else []
+        bf16 = cfg.bf16 and (run.device.type == "cuda" or cfg.bf16_cpu)
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.module.trainable_state()
+
+    def param_groups(self) -> list[dict]:
+        return adamw_param_groups(self.module, self.cfg.weight_decay)
+
+    def place(self) -> None:
+        if self.sharded:
+            shard_distiller(self.module, self.run.device, self.reshard_after_forward)
+        else:
+            self.module.to(self.run.device)
+
+    def counts(self, batch: dict) -> list[float]:
+        counts = self.module.normalizers(batch["attention_mask"], batch["labels"], batch["input_ids"])
+        return [float(counts[k]) for k in LOSS_PARTS]
+
+    def loss(self, model, chunk: dict, totals: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = model(**chunk)
+        means = {k: parts[k] / total for k, total in zip(LOSS_PARTS, totals)}
+        loss = sum(self.weights[k] * means[k] for k in LOSS_PARTS)
+        logged = torch.stack([loss.detach().double(), *(means[k].detach().double() for k in LOSS_PARTS)])
+        return loss, logged
+
+    def evaluate(self, step: int) -> str | None:
+        if not self.eval_records or not (self.run.main or self.sharded):  # sharded: every process takes part
+            return None
+        res = evaluate_student(self.module, self.processor, self.eval_records, self.cfg.images, self.template,
+                               self.autocast)
+        return f"held-out average {res['average']:.3f}"
+
+    def memory_advice(self) -> str:
+        tips = "" if self.cfg.gradient_checkpointing else ", turn on --gradient-checkpointing"
+        return f"{tips} or lower --max-length (now {self.cfg.max_length})"
 
 
-class _Logs:
-    """CSV (always) and TensorBoard (when installed) logs, written by the main process only."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path = run_dir / "log.csv"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def write(self, history: list[list]) -> None:
-        with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *history])
-
-    def scalars(self, row: list) -> None:
-        if self.tb is not None:
-            for name, value in zip(LOG_COLUMNS[1:], row[1:]):
-                self.tb.add_scalar(f"train/{name}", value, row[0])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def loop_settings(cfg: DistillConfig, total_steps: int, bf16: bool) -> LoopSettings:
+    return LoopSettings(
+        steps=total_steps, lr=cfg.lr, grad_clip=cfg.grad_clip, max_batch_tokens=cfg.max_batch_tokens,
+        save_every=cfg.save_every, eval_every=cfg.eval_every, schedule=cfg.schedule, warmup=cfg.warmup,
+        decay=cfg.decay, betas=tuple(cfg.betas), pad_to_multiple=cfg.pad_to_multiple, bf16=bf16,
+        num_workers=cfg.num_workers, preloaded=cfg.preload,
+    )
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) a distillation. Returns a summary; `stop_at` ends early with a checkpoint (tests)."""
-    from accelerate import Accelerator
-
     for name in ("teacher", "out", "data"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
     cfg.loss_settings().check()
     launcher = launcher_settings()
     sharding = resolve_sharding(cfg.sharding, launcher)
-    accelerator = Accelerator()
-    device = accelerator.device
+    run = start_run(cfg.out, resume)
+    device, main = run.device, run.main
+    cfg.fingerprints = input_fingerprints(cfg.teacher, cfg.student, cfg.data)
+    if run.checkpoint is not None:  # before loading anything: a resume with other inputs is another run
+        check_same_inputs(run.dir / "config.json", cfg.fingerprints,
+                          {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data})
     if cfg.logit_impl == "liger" and (missing := missing_requirements(device)):  # fail before loading models
         raise RuntimeError("logit_impl=liger needs " + " and ".join(missing) + "; use logit_impl=chunked")
-    on_gpu = device.type == "cuda"
-    main = accelerator.is_main_process
     # FSDP2 builds on the CPU (the model may not fit on one card) whatever the process count, so that one
     # process with `sharding: fsdp2` starts from the same initialisation as N (CPU and GPU generators differ).
-    # It leaves accelerate's model preparation out (no DDP wrapper, no accelerate FSDP wrapping).
     fsdp = sharding == "fsdp2"
-    sharded = fsdp and accelerator.num_processes > 1
+    sharded = fsdp and run.processes.world > 1
     build_device = torch.device("cpu") if fsdp else device
     if fsdp:
         load_weights_everywhere()
-    out = Path(cfg.out)
-    run_dir = out.with_name(out.name + ".run")
 
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints and not resume:
-        raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; pass --resume, or use a new --out")
-    cfg.fingerprints = input_fingerprints(cfg.teacher, cfg.student, cfg.data)
-    if checkpoints:
-        check_same_inputs(run_dir / "config.json", cfg.fingerprints,
-                          {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data})
-        check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
-
-    bf16 = cfg.bf16 and (on_gpu or cfg.bf16_cpu)
+    bf16 = cfg.bf16 and (device.type == "cuda" or cfg.bf16_cpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
     teacher = load_vlm(cfg.teacher, dtype=dtype, device=str(build_device))
     student = build_student(cfg, teacher)
@@ -265,7 +253,6 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile_layers:  # before sharding and DDP, as torchtitan does: they wrap the compiled modules
         student.compile_layers()
-    distiller.train()
 
     processor = load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
@@ -279,141 +266,32 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         warn_truncated_answers(dataset)
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.steps or max(1, int(cfg.epochs * order.batches_per_epoch))
-
-    start, history, state = 0, [], None
-    if checkpoints:  # trained tensors go in before sharding, the optimizer state once it exists
-        tensors, state, meta = load_checkpoint(checkpoints[-1])
-        trainable = distiller.trainable_state()
-        missing = sorted(set(trainable) - set(tensors))
-        if missing:
-            raise RuntimeError(f"checkpoint {checkpoints[-1]} lacks trained tensors {missing[:4]}; it is from another run")
-        with torch.no_grad():
-            for k, p in trainable.items():
-                p.copy_(tensors[k])
-        start, history = meta["step"], meta["history"]
-    if sharded:
-        shard_distiller(distiller, device, launcher.reshard_after_forward)
-    elif build_device != device:
-        distiller.to(device)
-    optimizer = torch.optim.AdamW(
-        adamw_param_groups(distiller, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), foreach=on_gpu
-    )
-    if state is not None:
-        load_full_optimizer_state(optimizer, state["optimizer"])
-        set_rng_state(state["rng"])
-        if main:
-            print(f"resuming {run_dir} from step {start}")
-    if main and fsdp and not sharded:
-        print("sharding fsdp2 with one process: nothing to shard, the model runs whole")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
-    if fsdp:  # sharded above; accelerate's own FSDP preparation would re-wrap the distiller
-        model = distiller
-    else:
-        model, optimizer = accelerator.prepare(distiller, optimizer)
-    sampler = ResumableBatches(order, start, total_steps, accelerator.process_index, accelerator.num_processes)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress and main)
-    pad = partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple)
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=pad,
-        num_workers=0 if cfg.preload else cfg.num_workers, pin_memory=on_gpu,
-    )
-    eval_records = checked_records(cfg.eval_data, cfg.images, skip_bad=cfg.skip_bad, limit=cfg.eval_records,
-                                   log=print if main else None) if cfg.eval_data else []
-    logs = _Logs(run_dir, enabled=main)
-    bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (progress and main))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    step, tokens, began = start, 0, time.perf_counter()
-    trained_params = [p for g in optimizer.param_groups for p in g["params"]]
-    weights = {"layer": cfg.alpha_layer, "kl": cfg.beta_kl, "ce": cfg.gamma_ce}
+    if main and fsdp and not sharded:
+        print("sharding fsdp2 with one process: nothing to shard, the model runs whole")
 
-    for batch in loader:
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, shape=cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Each loss is divided by its count over the whole global batch (all processes, all micro-batches);
-        # DDP averages gradients over processes, so each process scales its sums by the process count.
-        counts = distiller.normalizers(batch["attention_mask"], batch["labels"], batch["input_ids"])
-        global_counts = accelerator.reduce(torch.tensor(list(counts.values()), device=device, dtype=torch.float64), "sum")
-        div = dict(zip(counts, global_counts.clamp_min(1).tolist()))
-        chunks = micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple)
-        if sharded:  # every micro-batch gathers parameters: all ranks must run as many
-            count = max_over_ranks(len(chunks), device)
-            chunks = even_micro_batches(batch, cfg.max_batch_tokens, cfg.pad_to_multiple, count)
-        sums = torch.zeros(len(div) + 1, device=device, dtype=torch.float64)  # loss parts, then tokens
-        try:
-            for n, chunk in enumerate(chunks):
-                chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
-                sync = n == len(chunks) - 1
-                # FSDP2 reduce-scatters every micro-batch into sharded gradients (no unsharded copies kept).
-                with accelerator.no_sync(model) if not (sync or fsdp) else nullcontext(), autocast:
-                    parts = model(**chunk)
-                    loss = sum(weights[k] * parts[k] / div[k] for k in parts) * accelerator.num_processes
-                accelerator.backward(loss)
-                sums[:-1] += torch.stack([parts[k].detach().double() for k in div])  # no host sync here
-        except torch.OutOfMemoryError as err:
-            raise RuntimeError(_oom_advice(cfg)) from err
-        if fsdp:
-            grad_norm = clip_grad_norm(trained_params, cfg.grad_clip)
-        else:
-            grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        sums[-1] = float(batch["attention_mask"].sum())
-        totals = accelerator.reduce(sums, "sum").tolist()
-        parts_mean = {k: totals[j] / div[k] for j, k in enumerate(div)}
-        loss_value = sum(weights[k] * parts_mean[k] for k in div)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr (now {cfg.lr})")
-        tokens += int(totals[-1])
-        elapsed = time.perf_counter() - began
-        row = [step, loss_value, parts_mean["layer"], parts_mean["kl"], parts_mean["ce"], float(grad_norm), lr,
-               int(totals[-1]), elapsed]
-        history.append(row)
-        logs.scalars(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", layer=f"{parts_mean['layer']:.3g}", kl=f"{parts_mean['kl']:.3g}",
-                        ce=f"{parts_mean['ce']:.3g}", tok_s=f"{tokens / elapsed:,.0f}")
-        stopping = stop_at is not None and step >= stop_at
-        if step % cfg.save_every == 0 or step == total_steps or stopping:
-            trained, opt_state = distiller.trainable_state(), optimizer
-            if sharded:  # gathered on every rank (a collective), kept by the writer
-                trained, opt_state = full_tensors(trained, main), StateOnly(full_optimizer_state(optimizer, main))
-            if main:
-                save_checkpoint(run_dir, step, trained, opt_state, {"history": history})
-                logs.write(history)
-            accelerator.wait_for_everyone()
-        if (main or sharded) and cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < total_steps:
-            res = _evaluate(distiller, processor, eval_records, cfg.images, template, autocast)  # sharded: all ranks alike
-            if main:
-                bar.write(f"step {step}: held-out average {res['average']:.3f}")
-            distiller.train()
-        if stopping:
-            break
-    bar.close()
-    logs.close()
-    summary = {"steps": step, "history": history, "train_seconds": time.perf_counter() - began}
-    if stop_at is not None and step < total_steps:
+    job = DistillJob(cfg, distiller, dataset, order, processor, template, run, sharded, launcher.reshard_after_forward)
+    result = train(job, loop_settings(cfg, total_steps, bf16), run, cfg, RESUMABLE_CHANGES, progress=progress,
+                   stop_at=stop_at)
+    summary = {"steps": result.step, "history": result.history, "train_seconds": result.seconds}
+    if result.stopped:
         return summary
 
     if main or sharded:  # sharded: every rank takes part in evaluation and in gathering the weights
         distiller.eval()
-        if eval_records:
-            summary["heldout"] = _evaluate(distiller, processor, eval_records, cfg.images, template, autocast)
+        if job.eval_records:
+            summary["heldout"] = evaluate_student(distiller, processor, job.eval_records, cfg.images, template,
+                                                  job.autocast)
         full = full_tensors(distiller.student.state_dict(), main) if sharded else None
         if main:
-            _write_output(cfg, distiller, template, summary, history, run_dir, full)
-    accelerator.wait_for_everyone()
+            write_output(cfg, distiller, template, summary, sum(result.column("tokens")), run.dir, full)
+    wait_for_everyone()  # the next run of this process group (or its end) finds the output written
     return summary
 
 
-def _evaluate(distiller: Distiller, processor, records: list[dict], images: list[str], template: str,
-              autocast: torch.autocast) -> dict:
+def evaluate_student(distiller: Distiller, processor, records: list[dict], images: list[str], template: str,
+                     autocast: torch.autocast) -> dict:
     """Held-out scores of the student as it trains: under the training autocast, since the trained parts
     (connector, mixers) keep fp32 master weights next to bf16 frozen ones."""
     distiller.eval()
@@ -423,9 +301,11 @@ def _evaluate(distiller: Distiller, processor, records: list[dict], images: list
     return {k: v for k, v in res.items() if k != "records"}
 
 
-def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summary: dict, history: list, run_dir: Path,
-                  full_state: dict[str, torch.Tensor] | None = None) -> None:
-    """`full_state`: the student's gathered tensors when it is sharded (else its own are saved)."""
+def write_output(cfg: DistillConfig, distiller: Distiller, template: str, summary: dict, tokens: int, run_dir: Path,
+                 full_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the hybrid to cfg.out atomically, with the teacher's processor, its model info (`tokens`: trained on)
+    and the run's config, summary and log. `full_state`: the student's gathered tensors when it is sharded (else
+    its own are saved)."""
     student = distiller.student
     if student.is_activation_checkpointing:
         student.gradient_checkpointing_disable()
@@ -433,7 +313,7 @@ def _write_output(cfg: DistillConfig, distiller: Distiller, template: str, summa
     save_dtype = teacher_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
     info = read_model_info(cfg.teacher)
     info.update(template=template, distilled_from=str(cfg.teacher), mixer_layers=student.config.mamba_layers,
-                distill_steps=summary["steps"], distill_tokens=sum(int(r[7]) for r in history))
+                distill_steps=summary["steps"], distill_tokens=tokens)
     with atomic_directory(cfg.out, overwrite=True) as tmp:
         if full_state is None:
             student.to(save_dtype).save_pretrained(tmp)

@@ -8,11 +8,9 @@ transformers: SigLIP-style vision encoder, two-layer MLP connector, Phi-style LM
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -22,43 +20,47 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import (AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig,
-                          PreTrainedTokenizerBase, SiglipVisionConfig)
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PhiConfig,
+    PreTrainedTokenizerBase,
+    SiglipVisionConfig,
+)
 
-from matvlm.synthetic.generated import GeneratedDataset, GeneratedRecords
-from matvlm.synthetic.world import TEXT_FAMILIES
-from matvlm.data.preload import PreloadedDataset
 from matvlm.data.llava import (
     SupervisedDataset,
     build_image_processor,
-    collate,
     load_records,
     record_words,
     warn_truncated_answers,
 )
+from matvlm.data.preload import PreloadedDataset
 from matvlm.data.tokenizer import keeps_number_space, train_tokenizer
-from matvlm.synthetic.where import where_records
 from matvlm.eval.runner import evaluate
 from matvlm.io import MODEL_INFO_FILE, atomic_directory, write_json_atomic
 from matvlm.model.modeling import compile_llava_layers
-from matvlm.profiling import StepProfiler, quiet_window_start
+from matvlm.synthetic.generated import GeneratedDataset, GeneratedRecords
+from matvlm.synthetic.world import TEXT_FAMILIES
 from matvlm.training import (
     EpochOrder,
-    check_same_run,
-    end_process_group,
-    ResumableBatches,
+    Job,
+    LoopSettings,
+    Run,
     StagedOrder,
     SubsetOrder,
-    micro_batches,
     adamw_param_groups,
     list_checkpoints,
     load_checkpoint,
     lr_factor,
-    save_checkpoint,
-    set_rng_state,
+    read_log,
+    start_run,
+    train,
 )
+from matvlm.training.distributed import wait_for_everyone
 
 
 @dataclass
@@ -68,17 +70,12 @@ class TeacherConfig:
     family: str = "phi"  # phi | llama
     template: str = "phi"
     vocab_size: int = 2048
-    digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit, as before session 4)
-    all_digit_groups: bool = False  # tokenizer: every group of up to digit_group digits is one token (splits never vary)
+    digit_group: int = 3  # tokenizer: digits per number token at most (1: one token per digit)
     # tokenizer: a number keeps its leading space (" 35" -> "Ġ35") so that copying it is a plain induction step
     # (train_tokenizer). From an init_from teacher whose tokenizer differs, a new one is trained and the
     # embeddings are carried over (transfer_vocab). None: as init_from's tokenizer (False from scratch), so that
     # continuing a teacher never changes its tokenizer unless asked; the run's config.json records the value.
     number_space: bool | None = None
-    # N one-object, N several-object and N listing records made for training only (families "where1", "where",
-    # "where_list"; matvlm/data/where.py), with 2..where_max_objects objects in the several-object scenes
-    where_records: int = 0
-    where_max_objects: int = 6
     image_size: int = 128
     patch_size: int = 16
     vision_hidden: int = 192
@@ -98,14 +95,12 @@ class TeacherConfig:
     weight_decay: float = 0.1
     # The vision patch projection's learning rate relative to lr. Adam moves every weight by about lr per step,
     # so a projection of 3 * patch**2 pixels grows its output ~patch**2 times faster than the position table
-    # grows: at 1.0 image content swamps position (the session-4 teacher: token norm ~300, position 0.7),
-    # and the model cannot tell where anything is.
+    # grows: at 1.0 image content can swamp position (token norm ~300 against a position norm of 0.7 in one
+    # from-scratch run), and the model cannot tell where anything is. Keeps the weight decay per step of 1.0.
     patch_lr_scale: float = 1.0
-    position_lr_scale: float = 1.0  # the same for the position table (the other way to keep position visible);
-    # both keep the weight decay per step that they have at 1.0
     position_init_std: float = 0.0  # SigLIP's position table starts N(0, this**2) per entry (0: SigLIP's own init)
     warmup: float = 0.03
-    lr_schedule: str = "cosine"  # cosine (to 10% of peak) | constant (the recall probes' schedule), after warm-up
+    lr_schedule: str = "cosine"  # cosine (to 10% of peak) | constant, after warm-up
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_records: int = 1024  # periodic evaluation on the first N held-out records
@@ -119,8 +114,8 @@ class TeacherConfig:
     family_weights: dict[str, int] = field(default_factory=dict)  # after warm-up, each record of a family appears
     # this many times per epoch (1 when absent; 0 leaves the family out): more of the families still learning
     # Batches of similar lengths (less padding). Lengths follow the family, so grouped batches hold one or two
-    # families each; false draws every batch at random from the mix, as the recall probes that learn the look-up
-    # do (recall and repeat records in the same batches), at the cost of padding.
+    # families each; false draws every batch at random from the mix (recall and repeat records in the same
+    # batches: how the shipped teacher learned the recall look-up), at the cost of padding.
     length_grouped: bool = True
     preload: bool = False  # tokenise and decode the whole data set once, in memory (small worlds)
     # Train on this many of the world's training records, made on demand in the loader's workers (record i is the
@@ -128,23 +123,18 @@ class TeacherConfig:
     # DATA still gives world.json (seed, image size) and the held-out test.json. 0: read DATA/train.json.
     generated_train: int = 0
     generated_start: int = 0  # with generated_train: records start .. start + N - 1 (a continuation's fresh records)
-    # With generated_train: training-only families (synth.TRAIN_ONLY_FAMILIES) that join the world's in turn, e.g.
-    # ["repeat"]; never scored. repeat's plain-text copying is what starts the recall look-up in the probes.
+    # With generated_train: training-only families (world.TRAIN_ONLY_FAMILIES) that join the world's in turn, e.g.
+    # ["repeat"]; never scored. repeat's plain-text copying is what starts the recall look-up.
     train_only_families: list[str] = field(default_factory=list)
-    # With generated_train: these families' records come without their image (chat text only, as the recall
-    # probes train), and these supervise only their final answer (not e.g. recall's "OK, I will remember them.")
-    text_only_families: list[str] = field(default_factory=list)
-    final_answer_families: list[str] = field(default_factory=list)
-    compile: bool | str = False  # torch.compile for fewer launches: true / "layers" compiles each decoder layer and the
-    # vision tower (fast to compile); "model" the whole training forward (graph breaks, slow to compile)
+    compile: bool = False  # torch.compile each decoder layer and the vision tower (fewer kernel launches on a GPU)
     # Scaled-dot-product attention kernels the run may use, e.g. ["flash", "efficient", "math"] ([]: PyTorch's choice).
-    # On an H100 PyTorch picks cuDNN's, which plans a graph per new shape: the session-7 profile measured 2.8-3.0 ms
-    # of CPU per attention call (1.1 s of 2.5 s of CPU in 10 steps) with the world's varying lengths.
+    # On an H100 PyTorch picks cuDNN's, which plans a graph per new shape: a profile measured 2.8-3.0 ms of CPU
+    # per attention call (1.1 s of 2.5 s of CPU in 10 steps) with the world's varying lengths.
     sdpa_backends: list[str] = field(default_factory=list)
     profile_at: int = 0  # profile 10 steps from this one into OUT.run/profile.txt (0: off)
     # Intra-op CPU threads of a GPU run's training process (0: torch's default, one per core). It only launches
     # kernels and counts tokens; with one thread per core in each of several runs on one host, its small CPU ops
-    # contend (session 10's profile: 3 ms for a `labels != -100` of a batch-512 step).
+    # contend (profiled: 3 ms for a `labels != -100` of a batch-512 step).
     host_threads: int = 4
     init_from: str = ""  # a teacher directory whose weights and tokenizer start this run (fresh optimizer); its
     # patch size may be a multiple of this run's (the vision embeddings are resampled: `resample_patches`)
@@ -160,8 +150,12 @@ class TeacherConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         lr_factor(0, 1, shape=self.lr_schedule)  # names the schedule if unknown
-        if (self.text_only_families or self.final_answer_families) and not self.generated_train:
-            raise ValueError("text_only_families and final_answer_families apply to generated records: set generated_train")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.train_only_families and not self.generated_train:
+            raise ValueError("train_only_families are made on demand: they need generated_train")
+        if self.generated_train and self.preload:
+            raise ValueError("generated_train makes records on demand: it cannot be combined with preload")
 
 
 def build_teacher(cfg: TeacherConfig, tokenizer) -> LlavaForConditionalGeneration:
@@ -211,17 +205,13 @@ def sdpa_choice(names: list[str]):
 
 def teacher_param_groups(model: LlavaForConditionalGeneration, cfg: TeacherConfig) -> list[dict]:
     """AdamW groups; each carries `lr_scale` (its learning rate relative to the schedule's)."""
-    embeddings = model.model.vision_tower.embeddings
-    scale_of = {id(p): cfg.patch_lr_scale for p in embeddings.patch_embedding.parameters()}
-    scale_of.update({id(p): cfg.position_lr_scale for p in embeddings.position_embedding.parameters()})
+    patch = {id(p) for p in model.model.vision_tower.embeddings.patch_embedding.parameters()}
     groups = []
     for group in adamw_param_groups(model, cfg.weight_decay):
         by_scale: dict[float, list] = {}
         for p in group["params"]:
-            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
-        # AdamW decays by lr * weight_decay a step: dividing by the scale keeps that pull as it is at 1.0, so a
-        # fast position table is not decayed 30x faster. All at 1.0: the two groups from before these options,
-        # so older checkpoints resume.
+            by_scale.setdefault(cfg.patch_lr_scale if id(p) in patch else 1.0, []).append(p)
+        # AdamW decays by lr * weight_decay a step: dividing by the scale keeps that pull as it is at 1.0.
         groups += [{**group, "params": params, "lr_scale": scale, "weight_decay": group["weight_decay"] / scale}
                    for scale, params in by_scale.items()]
     return groups
@@ -335,21 +325,6 @@ def mixed_order(records: list[dict], lengths: list[int], cfg: TeacherConfig) -> 
     return SubsetOrder(repeated, lengths, cfg.batch_size, cfg.seed, cfg.length_grouped)
 
 
-def compiled_forward(model: LlavaForConditionalGeneration, how: bool | str):
-    """The training forward: `model` itself, with its layers compiled in place (true / "layers"), or a
-    compiled wrapper that shares its parameters ("model"; evaluation and saving use the plain module).
-    On 2 CPU cores the per-layer graphs compile in 2:55 for 40 steps over three curriculum stages, the
-    whole model in 6:04, with the same loss at step 40 (benchmarks/teacher_runs.md, session 6)."""
-    if how in (True, "layers"):
-        compile_llava_layers(model)
-        return model
-    if how == "model":
-        return torch.compile(model, dynamic=True)
-    if how in (False, None, ""):
-        return model
-    raise ValueError(f"compile: {how!r}; choose true / \"layers\", \"model\" or false")
-
-
 def curriculum_order(records: list[dict], lengths: list[int], cfg: TeacherConfig):
     """The whole run's batch order: the warm-up stage, the further stages, then the (weighted) full mix."""
     stages = list(cfg.stages)
@@ -391,21 +366,6 @@ def limit_host_threads(device: torch.device, threads: int) -> None:
         torch.set_num_threads(min(torch.get_num_threads(), threads))
 
 
-def process_group() -> tuple[int, int, torch.device]:
-    """(rank, process count, device). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) this starts the
-    process group (NCCL on GPUs, gloo on the CPU); each process takes the GPU of its LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
 def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTokenizerBase:
     """The run's tokenizer: the one saved in the run folder, else init_from's (unless number_space asks for
     other number tokens than it has), else one trained on `texts()`."""
@@ -414,34 +374,74 @@ def teacher_tokenizer(cfg: TeacherConfig, tok_dir: Path, texts) -> PreTrainedTok
     tokenizer = AutoTokenizer.from_pretrained(cfg.init_from) if cfg.init_from else None
     if tokenizer is None or cfg.number_space not in (None, keeps_number_space(tokenizer)):
         tokenizer = train_tokenizer(conversation_texts(texts()), vocab_size=cfg.vocab_size, template=cfg.template,
-                                    digit_group=cfg.digit_group, all_digit_groups=cfg.all_digit_groups,
-                                    number_space=bool(cfg.number_space))
+                                    digit_group=cfg.digit_group, number_space=bool(cfg.number_space))
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
 
-def training_records(cfg: TeacherConfig, run_dir: Path, progress: bool = True) -> tuple[Sequence[dict], list[Path]]:
-    """The run's training records and their image folders: DATA/train.json (plus any where records), or
-    `generated_train` records made on demand."""
+def training_records(cfg: TeacherConfig, progress: bool = True) -> Sequence[dict]:
+    """The run's training records: DATA/train.json, or `generated_train` records made on demand."""
     data = Path(cfg.data)
-    if cfg.generated_train:
-        if cfg.preload or cfg.where_records:
-            raise ValueError("generated_train makes records on demand: it cannot be combined with preload or where_records")
-        # Sizing (one word count a record, ~0.3 ms each) runs once at start-up: share the host's cores among the
-        # host's training processes rather than use only the loader's few workers (2 M records: ~11 core-minutes).
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        sizing_workers = max(cfg.num_workers, (os.cpu_count() or 1) // local_world)
-        return GeneratedRecords.from_world(data, cfg.generated_train, train_only=cfg.train_only_families,
-                                           workers=sizing_workers, progress=progress, start=cfg.generated_start,
-                                           text_only=cfg.text_only_families), []
-    if cfg.train_only_families:
-        raise ValueError("train_only_families are made on demand: they need generated_train")
-    records, images = load_records(data / "train.json"), [data / "images"]
-    if cfg.where_records:
-        records = records + where_records(run_dir / "where", cfg.where_records, cfg.seed, data / "world.json",
-                                          cfg.image_size, cfg.where_max_objects)
-        images.append(run_dir / "where")
-    return records, images
+    if not cfg.generated_train:
+        return load_records(data / "train.json")
+    # Sizing (one word count a record, ~0.3 ms each) runs once at start-up: share the host's cores among the
+    # host's training processes rather than use only the loader's few workers (2 M records: ~11 core-minutes).
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    sizing_workers = max(cfg.num_workers, (os.cpu_count() or 1) // local_world)
+    return GeneratedRecords.from_world(data, cfg.generated_train, train_only=cfg.train_only_families,
+                                       workers=sizing_workers, progress=progress, start=cfg.generated_start)
+
+
+class TeacherJob(Job):
+    """Next-token cross-entropy on the answer tokens of the whole global batch."""
+
+    name = "teacher"
+
+    def __init__(self, cfg: TeacherConfig, model: LlavaForConditionalGeneration, dataset, order, tokenizer,
+                 image_processor, run: Run):
+        self.cfg, self.module, self.dataset, self.order, self.run = cfg, model, dataset, order, run
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.pad_token_id = tokenizer.pad_token_id
+        self.attention = sdpa_choice(cfg.sdpa_backends)
+        self.eval_records = load_records(Path(cfg.data) / "test.json")[: cfg.eval_records]
+        # Every world record has an image, so the vision tower gets a gradient from every process's rows; with
+        # plain-text records a process's rows may hold no image, and DDP must then look for unused parameters.
+        self.find_unused_parameters = any(f in TEXT_FAMILIES for f in cfg.train_only_families)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def param_groups(self) -> list[dict]:
+        return teacher_param_groups(self.module, self.cfg)
+
+    def params_without_gradient(self) -> list[torch.nn.Parameter]:
+        return params_without_gradient(self.module)
+
+    def counts(self, batch: dict) -> list[float]:
+        return [float((batch["labels"][:, 1:] != -100).sum())]  # the answer tokens the loss predicts
+
+    def loss(self, model, chunk: dict, totals: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.attention():  # backward runs the kernel that the forward chose
+            loss = model(**chunk, use_cache=False, num_items_in_batch=totals[0]).loss
+        return loss, loss.detach().double().reshape(1)
+
+    def evaluate(self, step: int) -> str | None:
+        if not self.run.main:  # the others wait for it at the next step's all-reduce
+            return None
+        with torch.compiler.set_stance("force_eager"):  # generation's shapes would recompile the layers
+            res = evaluate(self.module, self.tokenizer, self.image_processor, self.eval_records,
+                           [Path(self.cfg.data) / "images"], self.cfg.template, batch_size=128, progress=False)
+        return f"held-out average {res['average']:.3f} " + " ".join(
+            f"{k}={v['score']:.2f}" for k, v in res["families"].items())
+
+
+def loop_settings(cfg: TeacherConfig, device: torch.device) -> LoopSettings:
+    return LoopSettings(
+        steps=cfg.steps, lr=cfg.lr, grad_clip=cfg.grad_clip, max_batch_tokens=cfg.max_batch_tokens,
+        save_every=cfg.save_every, eval_every=cfg.eval_every, schedule=cfg.lr_schedule, warmup=cfg.warmup,
+        betas=(0.9, 0.95), bf16=cfg.bf16 and device.type == "cuda", num_workers=cfg.num_workers,
+        preloaded=cfg.preload, profile_at=cfg.profile_at,
+    )
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict | None:
@@ -452,183 +452,60 @@ def train_teacher(cfg: TeacherConfig, resume: bool = True, progress: bool = True
     (`batch_size` is the global batch) and DDP averages the gradients; process 0 logs, evaluates and saves,
     and only it returns the results (the others return None).
     """
-    data, out = Path(cfg.data), Path(cfg.out)
-    attention = sdpa_choice(cfg.sdpa_backends)
-    run_dir = out.with_name(out.name + ".run")
-    rank, world, device = process_group()
+    data = Path(cfg.data)
+    sdpa_choice(cfg.sdpa_backends)  # unknown names fail before any work
+    if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
+        raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
+    run = start_run(cfg.out, resume)
+    rank, world, device = run.processes.rank, run.processes.world, run.device
     limit_host_threads(device, cfg.host_threads)
-    main = rank == 0
-    progress = progress and main
-    if world > 1 and cfg.where_records:
-        raise ValueError("where_records writes its images at start-up: train it in one process")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_records, images = training_records(cfg, run_dir, progress)
+    progress = progress and run.main
+    train_records = training_records(cfg, progress)
     if world > 1 and isinstance(train_records, GeneratedRecords):  # each process sizes its share of the records
         shares: list = [None] * world
         dist.all_gather_object(shares, train_records.size_blocks(rank, world))
         train_records.join_blocks(shares)
-    test_records = load_records(data / "test.json")
 
-    if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
-        raise FileNotFoundError(f"init_from: {cfg.init_from} holds no config.json (a teacher directory written by `matvlm teacher`)")
     texts = (lambda: load_records(data / "train.json")) if cfg.generated_train else (lambda: train_records)
-    if main:
-        tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
-    if world > 1:
-        dist.barrier()
-    if not main:  # read what process 0 saved
-        tokenizer = teacher_tokenizer(cfg, run_dir / "tokenizer", texts)
+    if run.main:  # trains (or copies) the tokenizer into the run folder; the others then read it
+        tokenizer = teacher_tokenizer(cfg, run.dir / "tokenizer", texts)
+    wait_for_everyone()
+    if not run.main:
+        tokenizer = teacher_tokenizer(cfg, run.dir / "tokenizer", texts)
     cfg.number_space = keeps_number_space(tokenizer)  # an unset number_space: what init_from's tokenizer does
     image_processor = build_image_processor(cfg.image_size)
-    model = build_teacher(cfg, tokenizer)
-    model.to(device)
+    model = build_teacher(cfg, tokenizer).to(device)
+    if cfg.init_from and run.checkpoint is None:
+        init_weights(model, cfg.init_from, tokenizer)
+    if cfg.compile:  # in place: the same modules and state_dict keys
+        compile_llava_layers(model)
 
     # bf16 pixels on a GPU: the same values the autocast patch convolution sees, at half the host traffic
     pixel_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
     items = dict(num_image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
     if cfg.generated_train:
-        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype,
-                                   final_answer_families=cfg.final_answer_families, **items)
+        dataset = GeneratedDataset(train_records, tokenizer, image_processor, cfg.template, pixel_dtype=pixel_dtype, **items)
     else:
-        dataset = SupervisedDataset(train_records, images, tokenizer, image_processor, cfg.template,
+        dataset = SupervisedDataset(train_records, [data / "images"], tokenizer, image_processor, cfg.template,
                                     source=data / "train.json", **items)
-    if main:
+    if run.main:
         warn_truncated_answers(dataset)
-    optimizer = torch.optim.AdamW(teacher_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-    start, history = 0, []
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints and not resume:
-        raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run; resume it, or delete that folder to start over")
-    if cfg.init_from and not checkpoints:
-        init_weights(model, cfg.init_from, tokenizer)
-    if checkpoints:
-        check_same_run(run_dir / "config.json", cfg, RESUMABLE_CHANGES)
-        tensors, state, meta = load_checkpoint(checkpoints[-1])
-        model.load_state_dict(tensors)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, history = meta["step"], meta["history"]
-        if main:
-            print(f"resuming from {checkpoints[-1]} at step {start}")
-    if main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
     order = curriculum_order(train_records, dataset.lengths, cfg)
     if cfg.preload:
         dataset = PreloadedDataset(dataset, workers=cfg.num_workers, progress=progress, pixel_dtype=pixel_dtype)
-    # Preloaded items are shared with forked workers; padding a batch of 128 still costs the main process
-    # more than a small model's step on the GPU, so collation stays in workers either way.
-    workers = min(cfg.num_workers, 4) if cfg.preload else cfg.num_workers
-    # Batches in flight sit in shared memory: 4 workers x 8 batches x 128 records ran in session 9, so more
-    # workers or larger batches keep about that many records in flight, not more.
-    prefetch = max(2, 4096 // (cfg.batch_size * max(workers, 1)))
-    loader = DataLoader(
-        dataset, batch_sampler=ResumableBatches(order, start, cfg.steps, rank, world),
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
-    )
-    eval_subset = test_records[: cfg.eval_records]
-    log_path = run_dir / "log.csv"
-    bar = tqdm(total=cfg.steps, initial=start, desc="teacher", disable=not progress)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    step, tokens, began = start, 0, time.perf_counter()
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # read back in groups: no sync per step
 
-    def flush() -> None:
-        nonlocal tokens
-        if not pending:
-            return
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending])
-        counts = [n for *_, n in pending]
-        if world > 1:  # each process's loss is its share of the global mean; the norm is the same everywhere
-            values = torch.cat([values, torch.tensor(counts, device=device, dtype=values.dtype)[:, None]], dim=1)
-            dist.all_reduce(values)
-            values[:, 1] /= world
-            counts = [int(n) for n in values[:, 2].tolist()]
-        for (at, *_), (loss_value, norm_value, *_), batch_tokens in zip(pending, values.tolist(), counts):
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {at}; lower --lr")
-            history.append([at, loss_value, norm_value, batch_tokens])
-            tokens += batch_tokens
-        pending.clear()
-        bar.set_postfix(loss=f"{history[-1][1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
-
-    forward = compiled_forward(model, cfg.compile)
-    if world > 1:  # wraps the compiled layers, as torchtitan does
-        # DDP waits for a gradient of every trainable parameter: those that never get one are frozen (AdamW
-        # skips them either way). Every world record has an image, so all the others get one each step; with
-        # plain-text records a process's rows may hold no image, and DDP must then look for unused parameters.
-        for p in params_without_gradient(model):
-            p.requires_grad_(False)
-        text_rows = any(f in TEXT_FAMILIES for f in cfg.train_only_families) or bool(cfg.text_only_families)
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=text_rows)
-    profile_at = quiet_window_start(cfg.profile_at, [cfg.save_every, cfg.eval_every])
-    if profile_at != cfg.profile_at:
-        bar.write(f"profile_at {cfg.profile_at} -> {profile_at}: the window holds no checkpoint or evaluation")
-    profiler = StepProfiler(profile_at if main else 0, run_dir / "profile.txt", last=cfg.steps)
-    model.train()
-    stopping = False
-    for batch in loader:
-        profiler.begin(step + 1)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg.steps, cfg.warmup, shape=cfg.lr_schedule)
-        # Mean CE over every answer token of the whole (global) batch, however it is split into micro-batches
-        # and processes. DDP averages gradients over processes, so each scales its share by their number.
-        num_targets: int | torch.Tensor = int((batch["labels"][:, 1:] != -100).sum())
-        if world > 1:
-            num_targets = torch.tensor(float(num_targets), device=device)
-            dist.all_reduce(num_targets)
-        loss = torch.zeros((), device=device)
-        chunks = micro_batches(batch, cfg.max_batch_tokens)
-        for n, chunk in enumerate(chunks):
-            chunk = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in chunk.items()}
-            # one gradient all-reduce a step, after the last micro-batch (ranks may have different counts)
-            sync = world == 1 or n == len(chunks) - 1
-            with contextlib.nullcontext() if sync else forward.no_sync():
-                with autocast, attention():  # backward runs the kernel that the forward chose
-                    part = forward(**chunk, use_cache=False, num_items_in_batch=num_targets).loss
-                (part * world).backward()
-            loss += part.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if profiled := profiler.end(step):
-            bar.write(f"profile: {profiled} ({run_dir / 'profile.txt'})")
-        pending.append((step, loss, grad_norm, int(batch["attention_mask"].sum())))
-        bar.update(1)
-        stopping = stop_at is not None and step >= stop_at
-        saving = step % cfg.save_every == 0 or step == cfg.steps or stopping
-        evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
-        if len(pending) >= 25 or saving or evaluating:
-            flush()
-        if saving and main:
-            save_checkpoint(run_dir, step, model.state_dict(), optimizer, {"history": history})
-            with open(log_path, "w", newline="") as f:
-                csv.writer(f).writerows([["step", "loss", "grad_norm", "tokens"], *history])
-        if evaluating and main:  # the others wait for it at the next step's all-reduce
-            with torch.compiler.set_stance("force_eager"):  # generation's shapes would recompile the layers
-                res = evaluate(model, tokenizer, image_processor, eval_subset, [data / "images"], cfg.template,
-                               batch_size=128, progress=False)
-            bar.write(f"step {step}: held-out average {res['average']:.3f} " + " ".join(
-                f"{k}={v['score']:.2f}" for k, v in res["families"].items()))
-            model.train()
-        if stopping:
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - began
-    results = None
-    if main and not stopping:
-        results = finish_teacher(model, cfg, tokenizer, image_processor, history, train_seconds, progress=progress)
-    end_process_group()  # the others wait for process 0's checkpoint and final evaluation
-    return results
+    job = TeacherJob(cfg, model, dataset, order, tokenizer, image_processor, run)
+    result = train(job, loop_settings(cfg, device), run, cfg, RESUMABLE_CHANGES, progress=progress, stop_at=stop_at)
+    if result.stopped or not run.main:
+        return None
+    return finish_teacher(model, cfg, tokenizer, image_processor, result.step, sum(result.column("tokens")),
+                          result.seconds, progress=progress)
 
 
-def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, history: list, train_seconds: float | None,
-                   progress: bool = True, note: str | None = None) -> dict:
-    """Evaluate on the held-out set and write cfg.out atomically: HF Llava checkpoint, processor, scores."""
+def finish_teacher(model: LlavaForConditionalGeneration, cfg: TeacherConfig, tokenizer, image_processor, steps: int,
+                   tokens: int, train_seconds: float | None, progress: bool = True, note: str | None = None) -> dict:
+    """Evaluate on the held-out set and write cfg.out atomically: HF Llava checkpoint, processor, scores, and
+    model info (`steps` and `tokens` trained, and those of the lineage when the run started from a teacher)."""
     data, out = Path(cfg.data), Path(cfg.out)
     device = next(model.parameters()).device
     model.eval()
@@ -641,8 +518,8 @@ def finish_teacher(model, cfg: TeacherConfig, tokenizer, image_processor, histor
     info = {
         "template": cfg.template,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_steps": history[-1][0] if history else 0,
-        "train_tokens": sum(row[3] for row in history),
+        "train_steps": steps,
+        "train_tokens": tokens,
         "world": {k: world.get(k) for k in ("generator_version", "seed", "image_size", "counts")},
         "config": asdict(cfg),
     }
@@ -686,27 +563,24 @@ def export_teacher(run_dir: str | Path, out: str | Path, weights: str | Path | N
         cfg.data = str(data)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = build_teacher(cfg, tokenizer)
-    history = []
     if weights is not None:
         with safe_open(str(weights), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             step = int((f.metadata() or {}).get("step", 0))
-        if (run_dir / "log.csv").exists():
-            with open(run_dir / "log.csv") as f:
-                rows = list(csv.reader(f))[1:]
-            history = [[int(r[0]), float(r[1]), float(r[2]), int(r[3])] for r in rows if int(r[0]) <= step]
         source = f"weights {weights} (step {step})"
     else:
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint to export")
         tensors, _, meta = load_checkpoint(checkpoints[-1])
-        history, step, source = meta["history"], meta["step"], f"checkpoint {checkpoints[-1]}"
+        step, source = meta["step"], f"checkpoint {checkpoints[-1]}"
+    log = run_dir / "log.csv"  # the tokens of the steps up to the exported one
+    tokens = sum(int(row["tokens"]) for row in read_log(log) if row["step"] <= step) if log.exists() else 0
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not match the run's model: missing {missing}, unexpected {unexpected}")
     # A run whose last step is saved but whose own export never ran (killed, or its files not brought back).
     when = "its last step" if step >= cfg.steps else "before its end"
     note = f"exported from {source} of a {cfg.steps}-step run, {when}"
-    return finish_teacher(model, cfg, tokenizer, build_image_processor(cfg.image_size), history, None,
+    return finish_teacher(model, cfg, tokenizer, build_image_processor(cfg.image_size), step, tokens, None,
                           progress=progress, note=note)
