@@ -227,12 +227,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     sharding = resolve_sharding(cfg.sharding, launcher)
     run = start_run(cfg.out, resume)
     device, main = run.device, run.main
+    if cfg.logit_impl == "liger" and (missing := missing_requirements(device)):  # fail before loading models
+        raise RuntimeError("logit_impl=liger needs " + " and ".join(missing) + "; use logit_impl=chunked")
     cfg.fingerprints = input_fingerprints(cfg.teacher, cfg.student, cfg.data)
     if run.checkpoint is not None:  # before loading anything: a resume with other inputs is another run
         check_same_inputs(run.dir / "config.json", cfg.fingerprints,
                           {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data})
-    if cfg.logit_impl == "liger" and (missing := missing_requirements(device)):  # fail before loading models
-        raise RuntimeError("logit_impl=liger needs " + " and ".join(missing) + "; use logit_impl=chunked")
     # FSDP2 builds on the CPU (the model may not fit on one card) whatever the process count, so that one
     # process with `sharding: fsdp2` starts from the same initialisation as N (CPU and GPU generators differ).
     fsdp = sharding == "fsdp2"
