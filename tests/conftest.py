@@ -77,3 +77,21 @@ def launch_on_cpu(n: int, argv: list[str], timeout: int = 300, cwd=None) -> subp
               "--main_process_port", str(free_port())]  # not the default: other runs may hold it
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([*launch, *argv], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def world_and_teacher(tmp_path_factory):
+    """A tiny world and a tiny trained teacher (real tokenizer with <image>, processor, template): what the tests
+    of refused inputs and outputs run commands on; a few seconds to build."""
+    from matvlm.synthetic.teacher import TeacherConfig, train_teacher
+    from matvlm.synthetic.world import generate_world
+
+    root = tmp_path_factory.mktemp("reliability")
+    world, teacher = root / "world", root / "teacher"
+    generate_world(world, n_train=12, n_test=9, seed=2, image_size=64)
+    train_teacher(TeacherConfig(
+        data=str(world), out=str(teacher), vocab_size=400, image_size=64, patch_size=16, vision_hidden=32,
+        vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, intermediate=64, max_length=1024,
+        batch_size=4, steps=2, eval_every=0, save_every=2, num_workers=0, final_eval_records=1, save_dtype="float32",
+    ), progress=False)
+    return world, teacher

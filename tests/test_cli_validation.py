@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from matvlm.cli import app
 from matvlm.eval.predictions import read_predictions
 from matvlm.model.config import MixerSettings
-from tests.reliability_setup import world_and_teacher  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

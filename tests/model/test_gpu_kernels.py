@@ -1,4 +1,4 @@
-"""GPU scan kernel vs the float64 recurrence. Run on the GPU machine: pytest -m gpu tests/test_gpu_kernels.py"""
+"""GPU scan kernel vs the float64 recurrence. Run on the GPU machine: pytest -m gpu tests/model/test_gpu_kernels.py"""
 
 import os
 
@@ -25,7 +25,7 @@ def need_cuda_and_kernels():
 def test_kernel_matches_recurrence(shape, dtype, tol):
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
     from ssd_kernels import check
 
     errors = check(shape, dtype, seed=7)

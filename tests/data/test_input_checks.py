@@ -11,7 +11,6 @@ from matvlm.data.checks import checked_records, scan_records
 from matvlm.errors import InputError
 from matvlm.io import load_vlm
 from matvlm.testing import tiny_llava
-from tests.reliability_setup import world_and_teacher  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

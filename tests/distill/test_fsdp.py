@@ -15,7 +15,7 @@ from matvlm.distill.sharding import Launcher, launcher_settings, resolve_shardin
 from matvlm.io import load_vlm
 from matvlm.training import even_micro_batches, list_checkpoints, load_checkpoint, micro_batches
 
-from .conftest import free_port
+from ..conftest import free_port
 from .test_distill import _cfg, tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
 
 RUNS_SCRIPT = """

@@ -2,7 +2,7 @@
 
 CPU tests run in CI (error messages, the bias folding). The `gpu` tests need CUDA and liger-kernel:
     pip install --no-deps .gpu-wheels/liger_kernel-0.8.5-py3-none-any.whl  (triton comes with CUDA torch)
-    pytest -m gpu tests/test_fused_loss.py
+    pytest -m gpu tests/distill/test_fused_loss.py
 """
 
 import sys

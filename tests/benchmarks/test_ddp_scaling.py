@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import launch_on_cpu
+from ..conftest import launch_on_cpu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "ddp_scaling.py"
 
 

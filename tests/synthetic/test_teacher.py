@@ -16,7 +16,7 @@ from matvlm.synthetic.teacher import (TeacherConfig, build_teacher, curriculum_o
                                      train_teacher)
 from matvlm.training import list_checkpoints, load_checkpoint
 
-from .conftest import launch_on_cpu
+from ..conftest import launch_on_cpu
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from matvlm.io import load_vlm
 from matvlm.synthetic.teacher import TeacherConfig, train_teacher
 from matvlm.training import list_checkpoints
 
-from .conftest import launch_on_cpu, make_prompt
+from ..conftest import launch_on_cpu, make_prompt
 
 
 # ------------------------------------------------------------------------------------------ losses

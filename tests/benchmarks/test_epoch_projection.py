@@ -7,8 +7,8 @@ import pytest
 from matvlm.data.llava import SupervisedDataset, load_records
 from matvlm.io import load_processor
 
-from .conftest import load_benchmark
-from .test_distill import tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
+from ..conftest import load_benchmark
+from ..distill.test_distill import tiny_teacher  # noqa: F401  (the module-scoped tiny teacher fixture)
 
 
 def test_token_counts_are_the_lengths_training_sees(tiny_teacher):  # noqa: F811

@@ -9,7 +9,7 @@ from matvlm.distill import DistillConfig
 from matvlm.synthetic.teacher import TeacherConfig, sdpa_choice
 from matvlm.synthetic.world import FAMILIES, TRAIN_ONLY_FAMILIES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TEACHER_CONFIGS = sorted(CONFIGS.glob("teacher*.json")) + sorted((CONFIGS / "teacher_lineage").glob("*.json"))
 LINEAGE = sorted((CONFIGS / "teacher_lineage").glob("*.json"))
 

@@ -1,6 +1,6 @@
 """The data path for real training sets, on a small LLaVA-665K / ShareGPT4V-shaped file.
 
-What tests/test_llava_data.py already checks one case at a time (records, images, labels, truncation,
+What tests/data/test_llava_data.py already checks one case at a time (records, images, labels, truncation,
 collate, sampler) is checked here on the shape of the real mix: multi-turn records with the image in the
 first human turn (before or after the question), text-only records, images in several roots (the second
 one an overlay, as ShareGPT4V's extra images are), a Llama-style tokenizer with a BOS for vicuna_v1

@@ -11,7 +11,6 @@ from matvlm.errors import OutputError, ResumeMismatch
 from matvlm.io.fingerprint import data_fingerprint, model_fingerprint
 from matvlm.synthetic.demo import DEMO_INPUTS, DemoConfig, claim_output
 from matvlm.testing import tiny_llava
-from tests.reliability_setup import world_and_teacher  # noqa: F401  (fixture)
 
 
 def test_fingerprints_follow_content_not_paths(tmp_path):

@@ -8,7 +8,7 @@ import matvlm
 from matvlm.model.mixer import Mamba2Mixer
 from matvlm.testing import tiny_llava
 
-from .conftest import greedy_no_cache, make_prompt
+from ..conftest import greedy_no_cache, make_prompt
 
 
 def banned_tokens(config):

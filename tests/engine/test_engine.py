@@ -25,7 +25,7 @@ from matvlm.engine.sampling import filter_logits
 from matvlm.io import load_vlm
 from matvlm.testing import tiny_llava, tiny_llava_config
 
-from .conftest import make_prompt
+from ..conftest import make_prompt
 
 PAD = 3  # an ordinary token: its embedding is not zero, so pads that leak into a state would show
 
