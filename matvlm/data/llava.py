@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -226,7 +226,6 @@ class SupervisedDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         source: str | Path | None = None,
         check_tokenization: bool = True,
-        final_answer_families: Collection[str] = (),
     ) -> None:
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
@@ -253,8 +252,6 @@ class SupervisedDataset(Dataset):
         self.source = None if source is None else str(source)
         self._bos_id = _bos_id(tokenizer)
         self._lengths: list[int] | None = None
-        # records of these families (their "family" field) supervise only their last answer
-        self.final_answer_families = frozenset(final_answer_families)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -286,8 +283,6 @@ class SupervisedDataset(Dataset):
             segments = [(record.get("prompt", ""), False), (record["completion"] + end, True)]
         else:
             segments = self.template.segments(record["conversations"])
-            if record.get("family") in self.final_answer_families:
-                segments = final_answer_only(segments)
         ids, labels = _tokenize_segments(segments, self.tokenizer, self._bos_id)
         expected = 1 if _has_image(record) else 0
         ids, labels, start = _expand_image(
@@ -395,12 +390,6 @@ def warn_truncated_answers(dataset: SupervisedDataset, sample: int = 2000) -> fl
         print(f"warning: {cut} of {checked} sampled records ({share:.1%}) of {dataset.source or 'the data'} lose answer "
               f"tokens to max_length={dataset.max_length}; raise max_length or shorten those records", flush=True)
     return share
-
-
-def final_answer_only(segments: Sequence[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """Template segments with every supervised piece but the last (the final answer and its end) unsupervised."""
-    last = max((i for i, (_, supervised) in enumerate(segments) if supervised), default=-1)
-    return [(text, supervised and i == last) for i, (text, supervised) in enumerate(segments)]
 
 
 def _has_image(record: Mapping[str, Any]) -> bool:

@@ -9,7 +9,6 @@ one: small models learn counting and reading numbers far more easily that way.
 from __future__ import annotations
 
 import itertools
-import json
 
 from typing import Iterable
 
@@ -32,7 +31,6 @@ def train_tokenizer(
     image_token: str = IMAGE_TOKEN,
     model_max_length: int | None = None,
     digit_group: int = 3,
-    all_digit_groups: bool = False,
     number_space: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` (offline) and wrap it for transformers.
@@ -42,9 +40,7 @@ def train_tokenizer(
     The template's chat format is attached as ``chat_template``. Runs of digits are cut into groups of at most
     ``digit_group`` (as Llama 3 does with 3), so frequent numbers such as counts or 0-99 become single tokens
     while long numbers stay readable; 1 gives one token per digit. A group missing from the vocabulary is cut
-    further by BPE ("158" -> "15" "8"), so the same digits get different tokens in different numbers;
-    ``all_digit_groups`` makes every string of 1 to ``digit_group`` digits one token (as Llama 3's vocabulary
-    holds all 1,000 three-digit groups), which costs 10**2 + ... + 10**digit_group vocabulary entries.
+    further by BPE ("158" -> "15" "8").
 
     ``number_space`` keeps the space before a number in the number's first token (" 35" -> "Ġ35", as GPT-2's
     tokenizer does) instead of a lone "Ġ" token before it. With the lone space, copying a number from the
@@ -63,14 +59,6 @@ def train_tokenizer(
             f"need {len(alphabet) + len(specials)}"
         )
 
-    groups = [f"{n:0{k}d}" for k in range(2, digit_group + 1) for n in range(10 ** k)] if all_digit_groups else []
-    if all_digit_groups and number_space:  # "Ġ" is the byte-level form of the space
-        groups += ["Ġ" + g for g in [str(d) for d in range(10)] + groups]
-    if len(groups) > vocab_size - len(alphabet) - len(specials):
-        raise ValueError(f"all_digit_groups with digit_group={digit_group} needs {len(groups)} tokens besides the byte "
-                         f"alphabet and special tokens; vocab_size={vocab_size} leaves "
-                         f"{vocab_size - len(alphabet) - len(specials)} (lower digit_group or raise vocab_size)")
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -81,7 +69,7 @@ def train_tokenizer(
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets for assistant masks
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(groups),  # room for the digit groups that BPE does not learn itself
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=alphabet,  # every byte is encodable, whatever the corpus
         show_progress=False,
@@ -90,8 +78,6 @@ def train_tokenizer(
     # training text: fed only once, "USER:" stayed 5 byte tokens and "ASSISTANT:" 10, ~15 tokens a turn.
     fixed = [chat.system, chat.user_prefix, chat.assistant_prompt]
     bpe.train_from_iterator(_chain(texts, fixed), trainer=trainer)
-    if groups:
-        bpe = _with_digit_groups(bpe, groups)
 
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     tokenizer = PreTrainedTokenizerFast(
@@ -113,23 +99,6 @@ def keeps_number_space(tokenizer: PreTrainedTokenizerBase) -> bool:
     if backend is None or backend.pre_tokenizer is None:
         return False
     return len(backend.pre_tokenizer.pre_tokenize_str(" 5")) == 1
-
-
-def _with_digit_groups(bpe: Tokenizer, groups: list[str]) -> Tokenizer:
-    """`bpe` with every digit group as a token, reachable whichever adjacent pair BPE merges first. The pre-tokenizer
-    isolates runs of digits, so these merges never apply inside other words and their rank does not matter."""
-    spec = json.loads(bpe.to_str())
-    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
-    known = {tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges}
-    for group in groups:  # shortest first, so a group's parts are tokens before it is
-        if group not in vocab:
-            vocab[group] = len(vocab)
-        for cut in range(1, len(group)):
-            pair = (group[:cut], group[cut:])
-            if pair not in known:
-                known.add(pair)
-                merges.append(list(pair))
-    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _chain(texts: Iterable[str], extra: list[str]) -> Iterable[str]:

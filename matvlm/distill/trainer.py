@@ -69,7 +69,7 @@ class DistillConfig:
     # losses
     alpha_layer: float = 1.0
     beta_kl: float = 1.0
-    gamma_ce: float = 1.0  # the paper uses 0; CE helped in every ablation we ran (benchmarks/distill_ablations.md)
+    gamma_ce: float = 1.0  # the paper uses 0; benchmarks/fidelity_suite.py compares both
     temperature: float = 1.0
     layer_loss: str = "mse"
     kl_positions: str = "all"

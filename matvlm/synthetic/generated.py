@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from matvlm.data.llava import SupervisedDataset, pixel_values_of, record_words
 from matvlm.synthetic.scene import render
 from matvlm.synthetic.world import FAMILIES, GENERATOR_VERSION, TEXT_FAMILIES, TRAIN_ONLY_FAMILIES, World, make_record
-from matvlm.data.templates import IMAGE_TOKEN
 
 _BLOCK = 4096  # records per word-count job
 
@@ -40,23 +39,13 @@ def _block_words(job: tuple) -> list[int]:
             for i in range(start, stop)]
 
 
-def without_image(record: dict[str, Any]) -> dict[str, Any]:
-    """A chat record as text only: no image, no placeholder (for text-only recall records)."""
-    turns = [dict(t) for t in record["conversations"]]
-    turns[0]["value"] = turns[0]["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
-    return {k: v for k, v in record.items() if k not in ("image", "scene")} | {"conversations": turns}
-
-
 class GeneratedRecords(Sequence):
     """Records start .. start + n - 1 of a world's split (the first n by default), each made when it is read:
     item i is the record `data synth` would write as number start + i."""
 
     def __init__(self, seed: int, image_size: int, n: int, split: str = "train", families: list[str] | None = None,
-                 workers: int = 1, progress: bool = False, start: int = 0, text_only: Sequence[str] = ()):
+                 workers: int = 1, progress: bool = False, start: int = 0):
         self.families = list(FAMILIES) if families is None else list(families)
-        if bad := [f for f in text_only if f not in self.families]:
-            raise ValueError(f"text_only families {bad} are not among this run's families {self.families}")
-        self.text_only = frozenset(text_only)  # these families' records come without their image
         unknown = [f for f in self.families if f not in FAMILIES and f not in TRAIN_ONLY_FAMILIES]
         if unknown or not self.families or n < 1 or start < 0:
             raise ValueError(f"generated records: need n >= 1 (got {n}), start >= 0 (got {start}) and known "
@@ -93,11 +82,11 @@ class GeneratedRecords(Sequence):
         number = self.start + index
         family = self.family(index)
         record = make_record(_world(self.seed, self.image_size), self.split, number, family, number // len(self.families))
-        return without_image(record) if family in self.text_only else record
+        return record
 
     def has_image(self, index: int) -> bool:
         family = self.family(index)
-        return family not in TEXT_FAMILIES and family not in self.text_only
+        return family not in TEXT_FAMILIES
 
     def size_blocks(self, part: int = 0, parts: int = 1) -> list[list[int]]:
         """Word counts of blocks part, part + parts, ... of `_BLOCK` records: one process's share of the sizing

@@ -603,27 +603,6 @@ def test_number_space_keeps_the_space_in_the_number_token():
     assert not keeps_number_space(lone) and keeps_number_space(kept)
     for text in ("is 42 .", "code 1234567 and 7", " 0 00 000"):
         assert kept.decode(kept(text)["input_ids"]) == text
-    full = train_tokenizer(texts[:5], vocab_size=800, template="phi_short", digit_group=2, all_digit_groups=True,
-                           number_space=True)
-    assert all(full.tokenize(f" {n}") == [f"Ġ{n}"] for n in range(100)) and full.tokenize(" 07") == ["Ġ07"]
-
-
-def test_all_digit_groups_split_every_number_the_same_way():
-    # Few numbers in the corpus: plain BPE leaves most two-digit groups as two tokens, so "58" is one token in one
-    # number and two in another; all_digit_groups makes each of 00..99 one token, cut left to right.
-    texts = [f"the key for the red door is {n} ." for n in (7, 12, 12, 12, 40)] * 20
-    plain = train_tokenizer(texts, vocab_size=600, template="phi_short", digit_group=2)
-    full = train_tokenizer(texts, vocab_size=600, template="phi_short", digit_group=2, all_digit_groups=True)
-    assert plain.tokenize("58") == ["5", "8"] and plain.tokenize("12") == ["12"]
-    assert all(full.tokenize(f"{n:02d}") == [f"{n:02d}"] for n in range(100))
-    assert full.tokenize("3331587054") == ["33", "31", "58", "70", "54"]
-    assert full.tokenize("12345") == ["12", "34", "5"]
-    assert full.decode(full("code 3331587054 and 7")["input_ids"]) == "code 3331587054 and 7"
-    threes = train_tokenizer(texts, vocab_size=1500, template="phi_short", digit_group=3, all_digit_groups=True)
-    assert all(threes.tokenize(f"{n:03d}") == [f"{n:03d}"] for n in range(1000)) and len(threes) <= 1500
-    assert threes.tokenize("3331587054") == ["333", "158", "705", "4"]
-    with pytest.raises(ValueError, match="all_digit_groups"):
-        train_tokenizer(texts, vocab_size=300, template="phi_short", digit_group=2, all_digit_groups=True)
 
 
 def test_length_grouped_batches_come_in_random_order():

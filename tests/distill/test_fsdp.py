@@ -159,7 +159,7 @@ def _check_two_processes(tiny_teacher, tmp_path, gpu: bool, bf16: bool = False) 
         if k in trained or "multi_modal_projector" in k:
             if mixed:  # bf16 compute and bf16 files: close over all trained tensors, and each within 10% (a
                 # misplaced shard is ~140% off). Small tensors that start near 0 can be further apart than the
-                # whole: where a gradient is ~0, bf16 rounding can flip the sign of an Adam step (session 17:
+                # whole: where a gradient is ~0, bf16 rounding can flip the sign of an Adam step (seen:
                 # one element of a conv1d bias, 7.5% of its norm; every other tensor within 1%).
                 for name, other in (("fsdp", fsdp_sd[k]), ("resumed", resumed_sd[k])):
                     diff, norm = (other.float() - v.float()).norm().item(), v.float().norm().item()

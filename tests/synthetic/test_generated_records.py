@@ -153,27 +153,6 @@ def test_teacher_trains_with_copy_records_and_scores_only_world_families(world, 
     assert info["world"]["train_only_families"] == ["copy", "repeat"]
 
 
-def test_text_only_families_drop_their_image_and_final_answer_families_their_earlier_answers(world):
-    # (the data layer's options; the teacher trainer no longer sets them)
-    written = load_records(world / "train.json")
-    tokenizer = train_tokenizer(conversation_texts(written), vocab_size=400, template="phi")
-    made = GeneratedRecords.from_world(world, 20, text_only=["recall"])
-    image = GeneratedRecords.from_world(world, 20)
-    i = next(i for i in range(20) if made.family(i) == "recall")
-    assert "image" not in made[i] and "<image>" not in made[i]["conversations"][0]["value"]
-    assert made[i]["conversations"][0]["value"] == image[i]["conversations"][0]["value"].replace("<image>\n", "")
-    assert made[i]["conversations"][1:] == image[i]["conversations"][1:] and made[i - 1] == image[i - 1]
-    kw = dict(num_image_tokens=16, max_length=1024)
-    ds = GeneratedDataset(made, tokenizer, build_image_processor(64), "phi", final_answer_families=["recall"], **kw)
-    item = ds[i]
-    assert item["pixel_values"] is None and tokenizer.convert_tokens_to_ids("<image>") not in item["input_ids"]
-    assert ds.lengths[i] == ds.length_estimate(made.words[i], False)
-    answer = made[i]["conversations"][-1]["value"]  # only the number and its end: not "OK, I will remember them."
-    assert tokenizer.decode(item["labels"][item["labels"] != -100]).strip() == answer + tokenizer.eos_token
-    with_image = GeneratedDataset(image, tokenizer, build_image_processor(64), "phi", **kw)
-    assert (with_image[i]["labels"] != -100).sum() > (item["labels"] != -100).sum()
-    assert with_image.lengths[i] == ds.lengths[i] + 16
-    with pytest.raises(ValueError, match="text_only"):
-        GeneratedRecords.from_world(world, 20, text_only=["repeat"])
+def test_an_unknown_lr_schedule_is_refused(world):
     with pytest.raises(ValueError, match="unknown schedule"):
         TeacherConfig(data=str(world), out="unused", lr_schedule="step")
