@@ -286,7 +286,9 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_teacher, tmp_path):
         assert f"PROCESSES {n}" in proc.stdout, proc.stdout[-2000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY")][-1]
         curves.append(json.loads(line.split(" ", 1)[1]))
-    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-6, atol=1e-8)
+    # The staged recipe's alignment leaves the KL near 1e-3, where the order of sums over two processes
+    # shows at ~1e-8 absolute.
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-6, atol=1e-7)
 
 
 def test_demo_runs_end_to_end_and_writes_a_report(tiny_teacher, tmp_path):

@@ -236,3 +236,26 @@ def relative_layer_loss(teacher: nn.Module, student: nn.Module, batches: Iterabl
             err[i] += float(layer_loss(out, seen[i]["output"], valid, "mse"))
             power[i] += float((seen[i]["output"].float().pow(2).mean(-1) * valid).sum())
     return {i: err[i] / max(power[i], 1e-12) for i in layers}
+
+
+def run_align_stage(cfg, distiller: nn.Module, dataset: Dataset, pad_token_id: int, total_steps: int, bf16: bool,
+                    sharded: bool, progress: bool) -> dict[str, Any]:
+    """Stage 1 inside `matvlm distill` (cfg: a DistillConfig): `cfg.align_steps` steps (0: a tenth of the
+    end-to-end steps) at `cfg.align_lr` on shuffled training batches. Every process runs the same batches
+    from the same seed, so DDP replicas stay identical. Returns the stage's stats as a dict."""
+    from functools import partial
+
+    from ..data.llava import collate
+
+    if sharded:  # each rank holds a shard of the mixers: alignment on a shard is not written yet
+        print("recipe staged: the alignment stage does not run under FSDP2 sharding; distilling end to end only")
+        return {"skipped": "fsdp2"}
+    steps = cfg.align_steps or max(1, total_steps // 10)
+    pad = partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple)
+    batches = infinite_batches(dataset, pad, cfg.batch_size, seed=cfg.seed + 1, num_workers=min(cfg.num_workers, 2))
+    stats = align_mixers(distiller, distiller.student, batches, steps, cfg.align_lr, bf16=bf16, progress=progress)
+    if progress:
+        end = ", ".join(f"{i}: {v:.3f}" for i, v in stats.relative_loss_end.items())
+        print(f"aligned mixers in {stats.steps} steps ({stats.tokens:,} tokens, {stats.seconds:.0f} s); "
+              f"relative layer loss {end}", flush=True)
+    return stats.to_dict()

@@ -127,6 +127,12 @@ class DistillConfig:
     eval_records: int = 512
     save_dtype: str = "auto"  # auto: the teacher's dtype
     sharding: str = "auto"  # auto (FSDP2 when `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2
+    # staged: align each mixer to its attention first (distill/align.py), then the end-to-end loop;
+    # single: the paper's one stage
+    recipe: str = "staged"
+    align_steps: int = 0  # 0: a tenth of the end-to-end steps
+    align_lr: float = 1e-3
+    ranking: str = ""  # rank-layers JSON for placement "auto"
 
     def loss_settings(self) -> LossSettings:
         names = {f.name for f in fields(LossSettings)}
@@ -167,6 +173,7 @@ def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
     student = to_hybrid(
         teacher, ratio=None if cfg.mamba_layers else cfg.ratio, placement=cfg.placement,
         mamba_layers=cfg.mamba_layers or None, attn_bias=cfg.attn_bias, conv_init=cfg.conv_init, seed=cfg.seed,
+        ranking=cfg.ranking or None,
     )
     if cfg.random_init:  # ablation: keep the layout, forget the attention weights
         torch.manual_seed(cfg.seed)
@@ -221,6 +228,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
     cfg.loss_settings().check()
+    if cfg.recipe not in ("staged", "single"):
+        raise ValueError(f"recipe {cfg.recipe!r}: choose staged (align the mixers, then end to end) or single")
     launcher = launcher_settings()
     sharding = resolve_sharding(cfg.sharding, launcher)
     accelerator = Accelerator()
@@ -272,6 +281,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         warn_truncated_answers(dataset)
     order = EpochOrder(dataset.lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.steps or max(1, int(cfg.epochs * order.batches_per_epoch))
+    align_stats = None
+    if cfg.recipe == "staged" and not checkpoints:  # stage 1 (a resumed run has done it)
+        from .align import run_align_stage
+
+        align_stats = run_align_stage(cfg, distiller, dataset, tokenizer.pad_token_id, total_steps, bf16, sharded,
+                                      progress and main)
 
     start, history, state = 0, [], None
     if checkpoints:  # trained tensors go in before sharding, the optimizer state once it exists
@@ -390,6 +405,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     bar.close()
     logs.close()
     summary = {"steps": step, "history": history, "train_seconds": time.perf_counter() - began}
+    if align_stats is not None:
+        summary["align"] = align_stats
     if stop_at is not None and step < total_steps:
         return summary
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data.llava import BadRecordError, collate, generation_inputs
 from .metrics import score_records
+from .recall import recall_by_distance
 
 # Written next to a model by our own commands: what a model directory cannot say by itself.
 MODEL_INFO_FILE = "matvlm.json"
@@ -134,4 +135,7 @@ def evaluate(model, tokenizer, image_processor, records: Sequence[dict], image_f
     results["generated_tokens"] = run.new_tokens
     results["generation_seconds"] = run.seconds
     results["bad_records"] = run.problems
+    by_distance = recall_by_distance(scored_records, results["records"])
+    if by_distance:
+        results["recall_by_distance"] = by_distance
     return results
