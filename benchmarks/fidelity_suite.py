@@ -68,8 +68,8 @@ def smoke_matrix() -> dict[str, dict]:
 
 def settings(args) -> dict:
     if args.cpu_smoke:
-        return dict(train=120, test=18, steps=3, align_steps=2, batch_size=4, lr=1e-3, eval_limit=18, workers=0,
-                    rank_heldout=8, rank_train=8, rank_steps=2, rank_batch=4, eval_batch=32)
+        return dict(train=120, test=18, steps=3, align_steps=2, batch_size=4, lr=1e-3, eval_limit=9, workers=0,
+                    rank_heldout=4, rank_train=4, rank_steps=1, rank_batch=4, eval_batch=32)
     return dict(train=100_000, test=2700, steps=args.steps, align_steps=args.align_steps, batch_size=args.batch_size,
                 lr=args.lr, eval_limit=0, workers=args.workers, rank_heldout=256, rank_train=1024, rank_steps=30,
                 rank_batch=32, eval_batch=256)

@@ -242,7 +242,8 @@ def distill(
     sharding: str = typer.Option(None, help="auto (FSDP2 under `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2."),
     resume: bool = typer.Option(False, help="Continue the run in OUT.run/ from its last checkpoint."),
 ) -> None:
-    """Distil a hybrid from its teacher in one stage (KL + layer-wise + optional CE); one GPU or many via
+    """Distil a hybrid from its teacher: by default staged (align each mixer to its attention, then end to end
+    with KL + layer-wise + CE), or in one stage (--recipe single); one GPU or many via
     `accelerate launch -m matvlm.cli distill ...`."""
     from matvlm.distill import DistillConfig
     from matvlm.distill import distill as run_distill

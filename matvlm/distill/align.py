@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..mixer import Mamba2Mixer
-from ..training import lr_factor
+from ..training import EpochOrder, lr_factor
 from .losses import layer_loss
 
 
@@ -114,10 +114,19 @@ def teacher_model(teacher: nn.Module) -> Iterator[nn.Module]:
 
 
 def infinite_batches(dataset: Dataset, collate, batch_size: int, seed: int = 0, num_workers: int = 0) -> Iterator[dict]:
-    """Shuffled batches of `dataset`, epoch after epoch (a stream for `align_mixers`)."""
+    """Batches of `dataset` for `align_mixers`, epoch after epoch: length-grouped shuffles when the data set
+    knows its lengths (a padded batch costs its longest record: one long recall record among short
+    ones multiplies a step's cost), else plain shuffles."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None and len(lengths) >= batch_size:
+        order = EpochOrder(list(lengths), batch_size, seed)
+        loader = DataLoader(dataset, batch_sampler=(idx for _, idx in order.iterate()), collate_fn=collate,
+                            num_workers=num_workers)
+        yield from loader
+        return
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=gen),
-                        collate_fn=collate, num_workers=num_workers, drop_last=len(dataset) > batch_size)
+                        collate_fn=collate, num_workers=num_workers)
     while True:
         yield from loader
 

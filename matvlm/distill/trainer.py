@@ -1,4 +1,7 @@
-"""`matvlm distill`: single-stage distillation of a hybrid from its teacher, on one process or many.
+"""`matvlm distill`: distillation of a hybrid from its teacher, on one process or many.
+
+Recipe `staged` (default) first aligns each mixer to the attention it replaced (align.py), then runs the
+end-to-end loop below; `single` is the paper's one stage.
 
 One GPU or several through `accelerate launch`; each process takes its share of every global batch.
 Two ways to use several GPUs (option `sharding`, in a config file or the DistillConfig):
