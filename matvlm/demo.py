@@ -21,6 +21,7 @@ from .convert import summarize_conversion
 from .data.llava import load_records
 from .data.synth import generate_world
 from .distill import DistillConfig, distill
+from .eval.recall import describe_flags, flag_families
 from .eval.runner import evaluate, read_model_info
 from .io import load_processor, load_vlm
 
@@ -194,9 +195,13 @@ def write_report(out: Path, cfg: DemoConfig, teacher_dir: Path, trained: bool, s
     ]
     lines += [f"| {f} | {t['families'].get(f, {}).get('score', float('nan')):.3f} | "
               f"{h['families'].get(f, {}).get('score', float('nan')):.3f} |" for f in fams]
+    lines += [f"| recall, {name} words between fact and question | {t['recall_by_distance'][name]['score']:.3f} | "
+              f"{h.get('recall_by_distance', {}).get(name, {}).get('score', float('nan')):.3f} |"
+              for name in t.get("recall_by_distance", {})]
     lines += [f"| decode tokens/s (matvlm engine, batch 1, CPU) | {speed['teacher']:.1f} | {speed['hybrid']:.1f} |"]
     lines += [f"| cache per sequence at {c:,} tokens | {cache[c][0] / 2**20:.2f} MiB | {cache[c][1] / 2**20:.2f} MiB |"
               for c in cache]
+    lines += ["", "Retention gate: " + describe_flags(flag_families(t, h)) + "."]
     lines += ["", f"![plots]({png.name})", "",
               "Speed on the CPU with a tiny model says little about a GPU: see the README's benchmark section for "
               "measured H100 figures."]
