@@ -8,6 +8,8 @@ from matvlm.distill import Distiller, LossSettings
 from matvlm.distill.align import align_mixers, capture_attention_io, relative_layer_loss, run_captured
 from matvlm.tiny import tiny_llava
 
+from .test_distill import tiny_teacher  # noqa: F401  (a fixture: the trained tiny teacher and its world)
+
 
 def batch(config, seed, rows=4, length=40, pad_last=5):
     gen = torch.Generator().manual_seed(seed)
@@ -74,3 +76,19 @@ def _no_mixers(teacher):
         def mixers(self):
             return {}
     return Empty()
+
+
+def test_staged_recipe_aligns_before_the_end_to_end_loop(tiny_teacher, tmp_path):
+    from matvlm.distill import distill
+
+    from .test_distill import _cfg
+
+    staged = distill(_cfg(tiny_teacher, tmp_path / "staged", steps=3, save_every=3, align_steps=4, align_lr=3e-3),
+                     progress=False)
+    single = distill(_cfg(tiny_teacher, tmp_path / "single", steps=3, save_every=3, recipe="single"), progress=False)
+    assert staged["align"]["steps"] == 4 and staged["align"]["tokens"] > 0 and "align" not in single
+    # the end-to-end loop starts from aligned mixers: a lower layer loss at its first step
+    assert staged["history"][0][2] < single["history"][0][2]
+    with pytest.raises(ValueError, match="recipe"):
+        distill(_cfg(tiny_teacher, tmp_path / "bad", recipe="two"), progress=False)
+

@@ -136,6 +136,7 @@ class DistillConfig:
     align_steps: int = 0  # 0: a tenth of the end-to-end steps
     align_lr: float = 1e-3
     ranking: str = ""  # rank-layers JSON for placement "auto"
+    chunk_size: int = 256  # the mixers' scan chunk; the same result at any size (smaller is faster on a CPU)
 
     def loss_settings(self) -> LossSettings:
         names = {f.name for f in fields(LossSettings)}
@@ -176,7 +177,7 @@ def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
     student = to_hybrid(
         teacher, ratio=None if cfg.mamba_layers else cfg.ratio, placement=cfg.placement,
         mamba_layers=cfg.mamba_layers or None, attn_bias=cfg.attn_bias, conv_init=cfg.conv_init, seed=cfg.seed,
-        ranking=cfg.ranking or None,
+        ranking=cfg.ranking or None, chunk_size=cfg.chunk_size,
     )
     if cfg.random_init:  # ablation: keep the layout, forget the attention weights
         torch.manual_seed(cfg.seed)
