@@ -3,7 +3,8 @@
 One command on one GPU (several small runs share it as separate processes):
 
     python benchmarks/fidelity_suite.py --out runs/fidelity [--only NAME,...] [--parallel 6] [--deadline-minutes 8.5]
-    python benchmarks/fidelity_suite.py --out runs/fidelity_smoke --cpu-smoke      # the plumbing, on a CPU, < 1 min
+    python benchmarks/fidelity_suite.py --out runs/fidelity_smoke --cpu-smoke      # the plumbing, on a CPU
+    python benchmarks/fidelity_suite.py --out runs/fidelity --previous OLD/summary.json   # go on, on a fresh machine
 
 It generates the world with the project's generator when absent (seed-0 training records; 2,700 held-out
 records of seed 1, the teacher never saw them), ranks the teacher's layers once (`matvlm rank-layers`, for
@@ -50,14 +51,23 @@ def run_name(ratio: float, placement: str, recipe: str) -> str:
 
 
 def matrix() -> dict[str, dict]:
+    """In priority order (a call that runs out of time has done the first ones): the target ratios with the
+    default recipe, the recipe and loss comparisons, then the other placements and 12.5%."""
     runs: dict[str, dict] = {}
+
+    def add(ratio: float, placement: str, recipe: str) -> None:
+        runs.setdefault(run_name(ratio, placement, recipe), {"ratio": ratio, "placement": placement, "recipe": recipe})
+
+    for ratio in (0.25, 0.5):
+        for placement in ("auto", "even"):
+            add(ratio, placement, "staged_ours")
+    for ratio in (0.25, 0.5):
+        for placement in ("auto", "even"):
+            for recipe in RECIPES:
+                add(ratio, placement, recipe)
     for ratio in (0.125, 0.25, 0.5):
         for placement in PLACEMENTS:
-            runs[run_name(ratio, placement, "staged_ours")] = {"ratio": ratio, "placement": placement, "recipe": "staged_ours"}
-    for ratio in (0.25, 0.5):
-        for placement in ("even", "auto"):
-            for recipe in RECIPES:
-                runs.setdefault(run_name(ratio, placement, recipe), {"ratio": ratio, "placement": placement, "recipe": recipe})
+            add(ratio, placement, "staged_ours")
     return runs
 
 
@@ -174,6 +184,22 @@ def finish_run(name: str, spec: dict, out: Path, held: Path, teacher: dict, s: d
     return result
 
 
+def adopt_previous(path: Path, out: Path) -> None:
+    """Take the teacher's scores, the ranking and the finished runs of an earlier call's summary.json (a fresh
+    machine has none of that call's files): those runs are skipped, and the report includes them."""
+    prev = json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "teacher.json").exists():
+        (out / "teacher.json").write_text(json.dumps(prev["teacher"], indent=1))
+    if not (out / "ranking.json").exists() and prev.get("ranking_file"):
+        (out / "ranking.json").write_text(json.dumps(prev["ranking_file"], indent=1))
+    for r in prev.get("runs", []):
+        dest = out / "runs" / r["name"] / "result.json"
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps(r, indent=1))
+
+
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +207,8 @@ def run(args) -> None:
     deadline = began + args.deadline_minutes * 60
     s = settings(args)
     teacher_dir = Path(args.teacher)
+    if args.previous:
+        adopt_previous(Path(args.previous), out)
     train, held = ensure_world(out, s, args.cpu_smoke)
     print(f"world ready ({time.time() - began:.0f} s)", flush=True)
     teacher = teacher_info(teacher_dir, held, out, s)
@@ -239,7 +267,8 @@ def report(out: Path, runs: dict, teacher: dict, s: dict, wall: float, args) -> 
     summary = {"teacher": teacher, "settings": s, "device": device_name(), "complete": len(results) == len(runs),
                "missing": [n for n in runs if not (out / "runs" / n / "result.json").exists()],
                "ranking": {m: {"order": v["order"], "scores": v["scores"]} for m, v in ranking["measures"].items()},
-               "ranking_cost": ranking["cost"], "runs": results, "targets": check_targets(results)}
+               "ranking_cost": ranking["cost"], "ranking_file": ranking, "runs": results,
+               "targets": check_targets(results)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"Teacher `{teacher['dir']}` (fingerprint {teacher['fingerprint']}): held-out average {t['average']:.3f} on "
              f"{t['n']} records of another seed; device {summary['device']}. Retention = hybrid / teacher score. Tokens: "
@@ -338,6 +367,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="data loader workers per run")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny version on the CPU: checks the plumbing only")
     p.add_argument("--list", action="store_true", help="print the run names and exit")
+    p.add_argument("--previous", default="", help="summary.json of an earlier call: its runs count as done")
     args = p.parse_args()
     if args.list:
         print("\n".join(smoke_matrix() if args.cpu_smoke else matrix()))
