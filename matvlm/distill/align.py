@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..mixer import Mamba2Mixer
-from ..training import EpochOrder, lr_factor
+from ..training import EpochOrder, lr_factor, micro_batches
 from .losses import layer_loss
 
 
@@ -142,6 +142,7 @@ def align_mixers(
     warmup: float = 0.1,
     grad_clip: float = 1.0,
     bf16: bool = False,
+    max_batch_tokens: int = 0,
     progress: bool = False,
 ) -> AlignStats:
     """Train every mixer of `student` to reproduce the attention it replaced, on the teacher's activations.
@@ -149,7 +150,8 @@ def align_mixers(
     teacher: the all-attention Llava (or a `Distiller` holding the student and the teacher's differing parts);
     student: the hybrid, whose `mixers()` are trained in place (nothing else is touched);
     batches: collated batches (input_ids, attention_mask, optional pixel_values); at most `steps` are read.
-    A cosine schedule with warmup (floor 10% of `lr`). Returns losses and costs.
+    A cosine schedule with warmup (floor 10% of `lr`). `max_batch_tokens` > 0 splits a batch of long
+    records into row chunks (gradients accumulate; the step is the same). Returns losses and costs.
     """
     if steps < 1:
         raise ValueError(f"align steps must be >= 1, got {steps}")
@@ -177,29 +179,33 @@ def align_mixers(
                 batch = next(it)
             except StopIteration:
                 break
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with torch.no_grad(), teacher_model(teacher) as t, autocast:
-                with capture_attention_io(t, layers) as seen:
-                    run_captured(t, batch)
-            valid = batch["attention_mask"].bool()
-            n_valid = valid.sum().clamp_min(1)
-            # Mixers need the padding mask only where pads are present (left padding would enter the state).
-            pad_mask = None if bool(valid.all()) else batch["attention_mask"]
+            n_valid = batch["attention_mask"].sum().clamp_min(1).to(device)
+            chunks = micro_batches(batch, max_batch_tokens) if max_batch_tokens else [batch]
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, steps, warmup, shape="cosine")
-            total = 0.0
-            rel: dict[int, float] = {}
-            with autocast:
-                loss = torch.zeros((), device=device)
-                for i in layers:
-                    target = seen[i]["output"]
-                    out, _ = mixers[i](seen[i]["input"], mixer_padding_mask=pad_mask)
-                    mse = layer_loss(out, target, valid, "mse") / n_valid
-                    loss = loss + mse
-                    power = (target.float().pow(2).mean(-1) * valid).sum() / n_valid
-                    rel[i] = float(mse.detach() / power.clamp_min(1e-12))
-                    total += rel[i]
-            loss.backward()
+            err = {i: 0.0 for i in layers}
+            power = {i: 0.0 for i in layers}
+            for chunk in chunks:
+                chunk = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in chunk.items()}
+                with torch.no_grad(), teacher_model(teacher) as t, autocast:
+                    with capture_attention_io(t, layers) as seen:
+                        run_captured(t, chunk)
+                valid = chunk["attention_mask"].bool()
+                # Mixers need the padding mask only where pads are present (left padding would enter the state).
+                pad_mask = None if bool(valid.all()) else chunk["attention_mask"]
+                with autocast:
+                    loss = torch.zeros((), device=device)
+                    for i in layers:
+                        target = seen[i]["output"]
+                        out, _ = mixers[i](seen[i]["input"], mixer_padding_mask=pad_mask)
+                        mse = layer_loss(out, target, valid, "mse") / n_valid
+                        loss = loss + mse
+                        err[i] += float(mse.detach())
+                        power[i] += float((target.float().pow(2).mean(-1) * valid).sum() / n_valid)
+                loss.backward()
+                stats.tokens += int(valid.sum())
+            rel = {i: err[i] / max(power[i], 1e-12) for i in layers}
+            total = sum(rel.values())
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -208,7 +214,6 @@ def align_mixers(
                 raise FloatingPointError(f"alignment loss became {total} at step {step + 1}; lower the align lr (now {lr})")
             per_layer.append(rel)
             stats.history.append(total / len(layers))
-            stats.tokens += int(valid.sum())
             stats.steps += 1
             if progress and (step + 1) % max(1, steps // 10) == 0:
                 print(f"align step {step + 1}/{steps}: relative layer loss {stats.history[-1]:.4f}", flush=True)
@@ -262,7 +267,9 @@ def run_align_stage(cfg, distiller: nn.Module, dataset: Dataset, pad_token_id: i
     steps = cfg.align_steps or max(1, total_steps // 10)
     pad = partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple)
     batches = infinite_batches(dataset, pad, cfg.batch_size, seed=cfg.seed + 1, num_workers=min(cfg.num_workers, 2))
-    stats = align_mixers(distiller, distiller.student, batches, steps, cfg.align_lr, bf16=bf16, progress=progress)
+    stats = align_mixers(distiller, distiller.student, batches, steps, cfg.align_lr, bf16=bf16,
+                         max_batch_tokens=cfg.max_batch_tokens, progress=progress)
+    batches.close()
     if progress:
         end = ", ".join(f"{i}: {v:.3f}" for i, v in stats.relative_loss_end.items())
         print(f"aligned mixers in {stats.steps} steps ({stats.tokens:,} tokens, {stats.seconds:.0f} s); "
