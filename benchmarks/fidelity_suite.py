@@ -2,7 +2,7 @@
 
 One command on one GPU (several small runs share it as separate processes):
 
-    python benchmarks/fidelity_suite.py --out runs/fidelity [--only NAME,...] [--parallel 6] [--deadline-minutes 8.5]
+    python benchmarks/fidelity_suite.py --out runs/fidelity [--only NAME,...] [--parallel 6] [--deadline-minutes 8]
     python benchmarks/fidelity_suite.py --out runs/fidelity_smoke --cpu-smoke      # the plumbing, on a CPU
     python benchmarks/fidelity_suite.py --out runs/fidelity --previous OLD/summary.json   # go on, on a fresh machine
 
@@ -359,7 +359,7 @@ def main() -> None:
     p.add_argument("--teacher", default=str(SHIPPED_TEACHER))
     p.add_argument("--only", default="", help="comma-separated run names (default: the whole matrix)")
     p.add_argument("--parallel", type=int, default=6, help="runs sharing the device at once")
-    p.add_argument("--deadline-minutes", type=float, default=8.5, help="end the call within this wall clock")
+    p.add_argument("--deadline-minutes", type=float, default=8.0, help="end the call within this wall clock")
     p.add_argument("--steps", type=int, default=1200, help="batches per run (staged: alignment + end to end)")
     p.add_argument("--align-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
