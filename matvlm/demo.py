@@ -95,6 +95,26 @@ def distillation_records(world: Path, skip_families: tuple[str, ...]) -> Path:
     return path
 
 
+def mean_record_tokens(teacher_dir: Path, train_json: Path) -> float:
+    """Mean tokens per distillation record (text tokenised, image tokens counted)."""
+    from .data.llava import SupervisedDataset
+
+    processor = load_processor(teacher_dir)
+    template = read_model_info(teacher_dir).get("template") or "phi"
+    config = json.loads((Path(teacher_dir) / "config.json").read_text())
+    ds = SupervisedDataset(load_records(train_json), [], processor.tokenizer, processor.image_processor, template,
+                           num_image_tokens=config.get("image_seq_length", 1), max_length=2048)
+    return sum(ds.lengths) / len(ds.lengths)
+
+
+def typical_step_seconds(history: list[list], batch_size: int, mean_tokens: float) -> float:
+    """Seconds of an average step, from calibration steps' seconds per token (the first, warm-up, left out):
+    batches are length-grouped, so a few calibration steps alone may all be short ones (or long ones)."""
+    seconds = [row[8] for row in history]
+    tokens = sum(row[7] for row in history[1:])
+    return (seconds[-1] - seconds[0]) / max(tokens, 1) * mean_tokens * batch_size
+
+
 def ranked_placement(teacher_dir: Path) -> dict:
     """Placement from the ranking shipped beside the teacher (`matvlm rank-layers`), else even spacing."""
     ranking = Path(teacher_dir) / "ranking.json"
@@ -131,8 +151,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     calib_out = out / "calibration"
     calib = distill(DistillConfig(out=str(calib_out), steps=5, save_every=1000, recipe="single", **base), resume=True,
                     progress=False)
-    seconds = [row[8] for row in calib["history"]]  # elapsed at each step; the first step includes warm-up
-    per_step = sorted(b - a for a, b in zip(seconds, seconds[1:]))[len(seconds) // 2 - 1]  # median step
+    per_step = typical_step_seconds(calib["history"], cfg.batch_size, mean_record_tokens(teacher_dir, train_json))
     # alignment steps cost about a third of an end-to-end step
     steps = max(4, int(cfg.minutes * 60 / (per_step * (1 + cfg.align_per_step / 3)) * 0.85))
     align_steps = max(1, int(steps * cfg.align_per_step))
