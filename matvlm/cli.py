@@ -104,7 +104,8 @@ def convert(
     teacher_dir: Path = typer.Argument(..., help="HF Llava-format teacher directory."),
     out_dir: Path = typer.Argument(..., help="Where to write the hybrid."),
     ratio: float = typer.Option(None, help="Fraction of decoder layers to replace, in (0, 1)."),
-    placement: str = typer.Option("even", help="even | begin | middle | end"),
+    placement: str = typer.Option("even", help="even | begin | middle | end | auto (with --ranking)"),
+    ranking: Path = typer.Option(None, help="A `matvlm rank-layers` file of this teacher, for --placement auto."),
     layers: str = typer.Option(None, help="Explicit mixer layers, e.g. 0,4,8 (instead of --ratio)."),
     attn_bias: bool = typer.Option(False, help="Carry the attention biases into in_proj / out_proj."),
     conv_init: str = typer.Option("random", help="random | identity"),
@@ -131,6 +132,7 @@ def convert(
             teacher_dir, out_dir, overwrite, context,
             ratio=ratio, placement=placement, mamba_layers=parse_layers(layers) if layers else None,
             attn_bias=attn_bias, conv_init=conv_init, chunk_size=chunk_size, seed=seed,
+            **({"ranking": str(ranking)} if ranking else {}),
         )
     except (ValueError, OSError, TypeError) as err:  # OSError: what transformers raises for unreadable weights
         fail(str(err))
@@ -280,7 +282,11 @@ def distill(
     config: Path = typer.Option(None, help="JSON file of DistillConfig fields; options given here override it."),
     student: Path = typer.Option(None, help="An already converted hybrid (else the teacher is converted here)."),
     ratio: float = typer.Option(None, help="Fraction of decoder layers that become mixers (default 0.25)."),
-    placement: str = typer.Option(None, help="even | begin | middle | end"),
+    placement: str = typer.Option(None, help="even | begin | middle | end | auto (with --ranking)"),
+    ranking: Path = typer.Option(None, help="A `matvlm rank-layers` file of this teacher, for --placement auto."),
+    recipe: str = typer.Option(None, help="staged (align mixers, then end to end; default) | single (the paper's)."),
+    align_steps: int = typer.Option(None, help="Alignment steps of the staged recipe (default: a tenth of --steps)."),
+    align_lr: float = typer.Option(None, help="Alignment learning rate of the staged recipe (default 1e-3)."),
     layers: str = typer.Option(None, help="Explicit mixer layers, e.g. 0,4,8 (instead of ratio/placement)."),
     alpha_layer: float = typer.Option(None, help="Weight of the layer-wise loss (default 1)."),
     beta_kl: float = typer.Option(None, help="Weight of the KL loss (default 1)."),
@@ -305,7 +311,8 @@ def distill(
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists and is not this run's own output."),
     skip_bad: bool = typer.Option(None, help="Leave out bad records (listed) instead of stopping before training."),
 ) -> None:
-    """Distil a hybrid from its teacher in one stage (KL + layer-wise + optional CE); one GPU or many via
+    """Distil a hybrid from its teacher: by default staged (align each mixer to its attention, then end to end
+    with KL + layer-wise + CE), or in one stage (--recipe single); one GPU or many via
     `accelerate launch -m matvlm.cli distill ...`."""
     from matvlm.distill import DistillConfig
     from matvlm.distill import distill as run_distill
@@ -321,7 +328,8 @@ def distill(
         layer_loss=layer_loss, normalize=normalize, train_connector=train_connector, steps=steps, batch_size=batch_size, lr=lr,
         max_batch_tokens=max_batch_tokens, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers,
         eval_data=eval_data and str(eval_data), num_workers=num_workers, seed=seed, logit_impl=logit_impl,
-        sharding=sharding, skip_bad=skip_bad,
+        sharding=sharding, skip_bad=skip_bad, ranking=ranking and str(ranking), recipe=recipe, align_steps=align_steps,
+        align_lr=align_lr,
     )
     try:
         cfg = DistillConfig.from_file(config, **overrides)
@@ -483,6 +491,9 @@ def write_scores(records: list[dict], predictions: dict[str, str], meta: dict, o
         fail(f"{err}; the answers are kept in {predictions_file}: score them again with "
              f"`matvlm rescore {predictions_file} --out FILE`")
     console.print(results_table(results, title=title))
+    if results.get("recall_by_distance"):
+        console.print("recall by distance (words between fact and question): " + ", ".join(
+            f"{name}: {b['score']:.1%} (n={b['n']})" for name, b in results["recall_by_distance"].items()))
     console.print(f"{results['tokens_per_second']:.0f} generated tokens/s on {results['device']}; "
                   f"{len(results['bad_records'])} bad records skipped; results in {out}")
 
@@ -636,6 +647,37 @@ def serve(
                       max_queue=max_queue, request_timeout_s=timeout, device=device, dtype=dtype, name=name)
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
+
+
+@app.command("rank-layers")
+@user_errors
+def rank_layers_command(
+    teacher_dir: Path = typer.Argument(..., help="Teacher directory (HF Llava format)."),
+    data: Path = typer.Option(..., help="Records to rank on (LLaVA JSON), e.g. the distillation's training file."),
+    images: list[Path] = typer.Option(None, help="Image folder(s); default: images/ next to the JSON."),
+    out: Path = typer.Option(Path("ranking.json"), help="Where to write the ranking."),
+    measures: str = typer.Option("kl,attention", help="Comma-separated: kl (align one layer, KL) | attention (far attention)."),
+    heldout_records: int = typer.Option(256, help="Records the scores are measured on."),
+    train_records: int = typer.Option(1024, help="Records the per-layer alignment cycles over (kl)."),
+    batch_size: int = typer.Option(32, help="Records per batch."),
+    align_steps: int = typer.Option(30, help="Alignment steps per layer (kl)."),
+    align_lr: float = typer.Option(3e-3, help="Alignment learning rate (kl)."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+) -> None:
+    """Rank decoder layers by how much replacing each alone costs on your data, for --placement auto."""
+    from matvlm.distill.placement import rank_layers_from_files
+
+    try:
+        ranking = rank_layers_from_files(
+            teacher_dir, data, images or [], out, [m.strip() for m in measures.split(",") if m.strip()],
+            heldout_records, train_records, batch_size, align_steps, align_lr, device=device,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    for name, m in ranking["measures"].items():
+        console.print(f"{name}: safest first {m['order']} ({ranking['cost'][name]['seconds']:.0f} s, "
+                      f"{ranking['cost'][name]['tokens']:,} tokens)")
+    console.print(f"ranking in {out}; use it with --placement auto --ranking {out}")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Single-stage distillation of a hybrid from its teacher: losses, the shared-weight distiller, the trainer."""
+"""Distillation of a hybrid from its teacher: losses, the shared-weight distiller, mixer alignment, ranked
+placement, the trainer."""
 
 from matvlm.distill.distiller import Distiller, LossSettings, check_pair
 from matvlm.training import end_process_group  # for launched scripts that call distill()

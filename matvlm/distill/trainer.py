@@ -1,4 +1,7 @@
-"""`matvlm distill`: single-stage distillation of a hybrid from its teacher, on one process or many.
+"""`matvlm distill`: distillation of a hybrid from its teacher, on one process or many.
+
+Recipe `staged` (default) first aligns each mixer to the attention it replaced (align.py), then runs the
+end-to-end loop; `single` is the paper's one stage.
 
 The loop is matvlm.training's (as `matvlm teacher`'s); this module says what trains and how: the distiller (the
 student's mixers and connector against the teacher's layers and logits), its losses, and the hybrid it writes.
@@ -36,6 +39,7 @@ import torch
 from matvlm.data.checks import checked_records
 from matvlm.data.llava import SupervisedDataset, warn_truncated_answers
 from matvlm.data.preload import PreloadedDataset
+from matvlm.distill.align import run_align_stage
 from matvlm.distill.distiller import Distiller, LossSettings
 from matvlm.distill.fused_loss import missing_requirements
 from matvlm.distill.sharding import (launcher_settings, load_weights_everywhere, resolve_sharding, root_unsharded,
@@ -105,6 +109,13 @@ class DistillConfig:
     sharding: str = "auto"  # auto (FSDP2 when `accelerate launch --use_fsdp --fsdp_version 2`, else DDP) | ddp | fsdp2
     skip_bad: bool = False  # leave out (and list) bad records found by the scan before training, instead of stopping
     fingerprints: dict = field(default_factory=dict)  # of teacher, student, data: set at the start, matched on resume
+    # staged: align each mixer to its attention first (distill/align.py), then the end-to-end loop;
+    # single: the paper's one stage
+    recipe: str = "staged"
+    align_steps: int = 0  # 0: a tenth of the end-to-end steps
+    align_lr: float = 1e-3
+    ranking: str = ""  # rank-layers JSON for placement "auto"
+    chunk_size: int = 256  # the mixers' scan chunk; the same result at any size (smaller is faster on a CPU)
 
     def loss_settings(self) -> LossSettings:
         names = {f.name for f in fields(LossSettings)}
@@ -145,6 +156,7 @@ def build_student(cfg: DistillConfig, teacher) -> torch.nn.Module:
     student = to_hybrid(
         teacher, ratio=None if cfg.mamba_layers else cfg.ratio, placement=cfg.placement,
         mamba_layers=cfg.mamba_layers or None, attn_bias=cfg.attn_bias, conv_init=cfg.conv_init, seed=cfg.seed,
+        ranking=cfg.ranking or None, chunk_size=cfg.chunk_size,
     )
     if cfg.random_init:  # ablation: keep the layout, forget the attention weights
         torch.manual_seed(cfg.seed)
@@ -223,6 +235,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
     cfg.loss_settings().check()
+    if cfg.recipe not in ("staged", "single"):
+        raise ValueError(f"recipe {cfg.recipe!r}: choose staged (align the mixers, then end to end) or single")
     launcher = launcher_settings()
     sharding = resolve_sharding(cfg.sharding, launcher)
     run = start_run(cfg.out, resume)
@@ -271,10 +285,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, sto
     if main and fsdp and not sharded:
         print("sharding fsdp2 with one process: nothing to shard, the model runs whole")
 
+    align_stats = None
+    if cfg.recipe == "staged" and run.checkpoint is None:  # stage 1; a resumed run has done it
+        align_stats = run_align_stage(cfg, distiller, dataset, tokenizer.pad_token_id, total_steps, bf16, fsdp,
+                                      progress and main)
     job = DistillJob(cfg, distiller, dataset, order, processor, template, run, sharded, launcher.reshard_after_forward)
     result = train(job, loop_settings(cfg, total_steps, bf16), run, cfg, RESUMABLE_CHANGES, progress=progress,
                    stop_at=stop_at)
     summary = {"steps": result.step, "history": result.history, "train_seconds": result.seconds}
+    if align_stats is not None:
+        summary["align"] = align_stats
     if result.stopped:
         return summary
 

@@ -22,6 +22,8 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from matvlm.eval.recall import recall_by_distance
+
 __all__ = [
     "METRICS",
     "normalize_answer",
@@ -700,10 +702,14 @@ def score_records(
         families[family] = summary
 
     scored = [f["score"] for f in families.values() if f["n"] > 0]
-    return {
+    result = {
         "families": families,
         "average": _mean(scored),
         "n": len(all_rows),
         "missing": missing,
         "records": all_rows,
     }
+    by_distance = recall_by_distance(records, all_rows)  # recall records that carry a distance
+    if by_distance:
+        result["recall_by_distance"] = by_distance
+    return result

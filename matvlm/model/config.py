@@ -96,8 +96,11 @@ def mamba_layer_indices(num_layers: int, ratio: float, placement: str = "even") 
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if placement.startswith("auto"):
+        raise ValueError("placement auto chooses layers from a ranking of the teacher's layers; run `matvlm rank-layers` "
+                         "and pass its file with --ranking")
     if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)} or auto (with --ranking)")
     count = round(num_layers * ratio)
     if count < 1:
         raise ValueError(f"ratio {ratio} of {num_layers} layers rounds to no mixer layer; raise the ratio")

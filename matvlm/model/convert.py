@@ -136,12 +136,14 @@ def to_hybrid(
     chunk_size: int = 256,
     conv_kernel: int = 4,
     seed: int | None = 0,
+    ranking: "str | dict | None" = None,
 ) -> MaTVLMForConditionalGeneration:
     """Build a hybrid from a Llava teacher; the teacher is left unchanged.
 
     Every parameter outside the mixers is a bit-identical copy of the teacher's. Defaults follow the
     released MaTVLM setup (attention biases dropped, random conv); `attn_bias` and `conv_init` are
-    init variants.
+    init variants. `placement` "auto" (or "auto:<measure>") takes the layers from `ranking`, a
+    `matvlm rank-layers` file of this teacher.
     """
     if not isinstance(teacher, LlavaForConditionalGeneration):
         raise TypeError(f"teacher must be a LlavaForConditionalGeneration, got {type(teacher).__name__}")
@@ -152,6 +154,10 @@ def to_hybrid(
         raise ValueError(
             f"unsupported decoder {text.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
         )
+    if mamba_layers is None and ratio is not None and placement.startswith("auto"):
+        from matvlm.distill.placement import parse_auto, pick_layers  # ranked placement lives with the distillation tools
+
+        mamba_layers, ratio = pick_layers(ranking, teacher, ratio, parse_auto(placement)), None
     layers = choose_layers(text.num_hidden_layers, ratio, placement, mamba_layers)
     teacher_layers = teacher.model.language_model.layers
     for i in layers:

@@ -22,6 +22,7 @@ from matvlm.model.convert import summarize_conversion
 from matvlm.data.llava import load_records
 from matvlm.synthetic.world import generate_world
 from matvlm.distill import DistillConfig, distill
+from matvlm.eval.recall import describe_flags, flag_families
 from matvlm.eval.runner import evaluate
 from matvlm.errors import OutputError, ResumeMismatch
 from matvlm.io import load_processor, load_vlm, read_model_info, write_json_atomic
@@ -38,12 +39,14 @@ class DemoConfig:
     minutes: float = 4.0  # distillation budget (wall clock)
     train_records: int = 3000
     test_records: int = 270
-    batch_size: int = 16
-    lr: float = 3e-3  # minutes of CPU steps: a high rate keeps more of the teacher's score than 1e-3 does
+    batch_size: int = 8  # more, smaller steps: a CPU budget of minutes buys ~150 steps of 8 per 2 minutes
+    lr: float = 3e-3
     seed: int = 0
-    # Left out of the distillation records (not of the evaluation): recall records run to ~1,000 tokens, and a
-    # CPU budget of minutes is better spent on many short batches. Empty on a GPU.
-    skip_families: tuple[str, ...] = ("recall",)
+    # Left out of the distillation records (not of the evaluation); none: recall is distilled too (length-grouped
+    # batches keep its ~1,000-token records from padding the short ones).
+    skip_families: tuple[str, ...] = ()
+    align_per_step: float = 1.0  # staged recipe: alignment steps per end-to-end step (an alignment step is ~1/3 the cost)
+    chunk_size: int = 32  # the mixers' scan chunk: the same result, several times faster than 256 on a CPU
     overwrite: bool = False  # start afresh in `out` whatever it holds
 
 
@@ -100,6 +103,32 @@ def distillation_records(world: Path, skip_families: tuple[str, ...]) -> Path:
     return path
 
 
+def mean_record_tokens(teacher_dir: Path, train_json: Path) -> float:
+    """Mean tokens per distillation record (text tokenised, image tokens counted)."""
+    from matvlm.data.llava import SupervisedDataset
+
+    processor = load_processor(teacher_dir)
+    template = read_model_info(teacher_dir).get("template") or "phi"
+    config = json.loads((Path(teacher_dir) / "config.json").read_text())
+    ds = SupervisedDataset(load_records(train_json), [], processor.tokenizer, processor.image_processor, template,
+                           num_image_tokens=config.get("image_seq_length", 1), max_length=2048)
+    return sum(ds.lengths) / len(ds.lengths)
+
+
+def typical_step_seconds(history: list[list], batch_size: int, mean_tokens: float) -> float:
+    """Seconds of an average step, from calibration steps' seconds per token (the first, warm-up, left out):
+    batches are length-grouped, so a few calibration steps alone may all be short ones (or long ones)."""
+    seconds = [row[8] for row in history]
+    tokens = sum(row[7] for row in history[1:])
+    return (seconds[-1] - seconds[0]) / max(tokens, 1) * mean_tokens * batch_size
+
+
+def ranked_placement(teacher_dir: Path) -> dict:
+    """Placement from the ranking shipped beside the teacher (`matvlm rank-layers`), else even spacing."""
+    ranking = Path(teacher_dir) / "ranking.json"
+    return {"placement": "auto", "ranking": str(ranking)} if ranking.exists() else {"placement": "even"}
+
+
 def decode_speed(model, image_tokens: int, new_tokens: int = 64) -> float:
     """Greedy decode tokens/s at batch 1 in matvlm's engine (the same engine for teacher and hybrid)."""
     from matvlm.engine import Engine
@@ -148,17 +177,21 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     train_json = distillation_records(world, () if torch.cuda.is_available() else cfg.skip_families)
     base = dict(teacher=str(teacher_dir), data=str(train_json), images=[str(world / "images")],
-                ratio=cfg.ratio, batch_size=cfg.batch_size, lr=cfg.lr, num_workers=1, seed=cfg.seed)
+                ratio=cfg.ratio, batch_size=cfg.batch_size, lr=cfg.lr, num_workers=1, seed=cfg.seed,
+                chunk_size=cfg.chunk_size, **ranked_placement(teacher_dir))
     calib_out = out / "calibration"
-    calib = distill(DistillConfig(out=str(calib_out), steps=5, save_every=1000, **base), resume=True, progress=False)
-    seconds = [row[8] for row in calib["history"]]  # elapsed at each step; the first step includes warm-up
-    per_step = sorted(b - a for a, b in zip(seconds, seconds[1:]))[len(seconds) // 2 - 1]  # median step
-    steps = max(4, int(cfg.minutes * 60 / per_step * 0.85))
-    _say(f"3. converting {cfg.ratio:.1%} of the layers and distilling for {steps} steps "
+    calib = distill(DistillConfig(out=str(calib_out), steps=5, save_every=1000, recipe="single", **base), resume=True,
+                    progress=False)
+    per_step = typical_step_seconds(calib["history"], cfg.batch_size, mean_record_tokens(teacher_dir, train_json))
+    # alignment steps cost about a third of an end-to-end step
+    steps = max(4, int(cfg.minutes * 60 / (per_step * (1 + cfg.align_per_step / 3)) * 0.85))
+    align_steps = max(1, int(steps * cfg.align_per_step))
+    _say(f"3. converting {cfg.ratio:.1%} of the layers ({base['placement']} placement), aligning the mixers for "
+         f"{align_steps} steps, then distilling for {steps} steps "
          f"(~{cfg.minutes:g} min at {per_step:.2f} s/step, calibrated here)")
     hybrid_dir = out / "hybrid"
-    summary = distill(DistillConfig(out=str(hybrid_dir), steps=steps, save_every=max(steps // 4, 1), **base),
-                      resume=True)
+    summary = distill(DistillConfig(out=str(hybrid_dir), steps=steps, save_every=max(steps // 4, 1),
+                                    recipe="staged", align_steps=align_steps, align_lr=cfg.lr, **base), resume=True)
 
     _say("4. evaluating teacher and hybrid on the held-out records")
     processor = load_processor(teacher_dir)
@@ -225,9 +258,13 @@ def write_report(out: Path, cfg: DemoConfig, teacher_dir: Path, trained: bool, s
     ]
     lines += [f"| {f} | {t['families'].get(f, {}).get('score', float('nan')):.3f} | "
               f"{h['families'].get(f, {}).get('score', float('nan')):.3f} |" for f in fams]
+    lines += [f"| recall, {name} words between fact and question | {t['recall_by_distance'][name]['score']:.3f} | "
+              f"{h.get('recall_by_distance', {}).get(name, {}).get('score', float('nan')):.3f} |"
+              for name in t.get("recall_by_distance", {})]
     lines += [f"| decode tokens/s (matvlm engine, batch 1, CPU) | {speed['teacher']:.1f} | {speed['hybrid']:.1f} |"]
     lines += [f"| cache per sequence at {c:,} tokens | {cache[c][0] / 2**20:.2f} MiB | {cache[c][1] / 2**20:.2f} MiB |"
               for c in cache]
+    lines += ["", "Retention gate: " + describe_flags(flag_families(t, h)) + "."]
     lines += ["", f"![plots]({png.name})", "",
               "Speed on the CPU with a tiny model says little about a GPU: see the README's benchmark section for "
               "measured H100 figures."]
