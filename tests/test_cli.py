@@ -78,3 +78,23 @@ def test_teacher_refuses_a_bad_config_before_any_work(tmp_path):
         output = " ".join(result.output.split())  # the console wraps long lines
         assert message in output and "bad.json" in output, (fields, output)
     assert not (tmp_path / "t.run").exists()
+
+
+def test_rank_layers_command_writes_a_ranking_that_convert_places_by(world_and_teacher, tmp_path):
+    world, teacher = world_and_teacher
+    ranking = tmp_path / "ranking.json"
+    result = runner.invoke(app, [
+        "rank-layers", str(teacher), "--data", str(world / "train.json"), "--out", str(ranking),
+        "--heldout-records", "4", "--train-records", "4", "--batch-size", "2", "--align-steps", "1", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    written = json.loads(ranking.read_text())
+    order = written["measures"]["kl"]["order"]
+    assert sorted(order) == list(range(written["num_layers"])) and written["cost"]["kl"]["seconds"] > 0
+    placed = runner.invoke(app, ["convert", str(teacher), str(tmp_path / "hybrid"), "--ratio", "0.5",
+                                 "--placement", "auto", "--ranking", str(ranking)])
+    assert placed.exit_code == 0, placed.output
+    assert load_vlm(tmp_path / "hybrid").config.mamba_layers == sorted(order[: written["num_layers"] // 2])
+    # without a ranking, auto placement is a sentence, not a traceback
+    refused = runner.invoke(app, ["convert", str(teacher), str(tmp_path / "h2"), "--ratio", "0.5", "--placement", "auto"])
+    assert refused.exit_code == 2 and "rank" in refused.output

@@ -281,13 +281,13 @@ def rank_layers_from_files(
     from functools import partial
 
     from matvlm.data.llava import SupervisedDataset, collate, load_records
-    from matvlm.eval.runner import guess_template, read_model_info
+    from matvlm.io import model_template
     from matvlm.io import load_processor, load_vlm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_vlm(teacher_dir, device=device).eval()
     processor = load_processor(teacher_dir)
-    template = read_model_info(teacher_dir).get("template") or guess_template(processor.tokenizer)
+    template = model_template(teacher_dir, processor.tokenizer)
     records = load_records(data)
     random.Random(seed).shuffle(records)
     if len(records) < 2:
