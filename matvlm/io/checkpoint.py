@@ -76,7 +76,7 @@ def load_image_processor(path: str | Path):
 
 
 # What a model directory says about that model alone: a model made from it must not inherit them.
-MODEL_DOCUMENTS = ("config.json", "README.md", "heldout_scores.json")
+MODEL_DOCUMENTS = ("config.json", "README.md", "heldout_scores.json", "ranking.json")
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:

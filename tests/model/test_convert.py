@@ -138,7 +138,7 @@ def test_side_files_leave_the_source_models_card_scores_and_weights(tmp_path):
     src.mkdir()
     dst.mkdir()
     for name in ("tokenizer.json", "chat_template.jinja", "matvlm.json", "config.json", "README.md",
-                 "heldout_scores.json", "model.safetensors"):
+                 "heldout_scores.json", "ranking.json", "model.safetensors"):
         (src / name).write_text("{}")
     assert copy_side_files(src, dst) == ["chat_template.jinja", "matvlm.json", "tokenizer.json"]
     assert sorted(p.name for p in dst.iterdir()) == ["chat_template.jinja", "matvlm.json", "tokenizer.json"]
