@@ -1,4 +1,4 @@
-"""The fidelity suite (issue 28): how much of the shipped teacher each hybrid recipe keeps, family by family.
+"""The fidelity suite: how much of the shipped teacher each hybrid recipe keeps, family by family.
 
 One command on one GPU (several small runs share it as separate processes):
 
