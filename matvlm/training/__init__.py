@@ -9,24 +9,10 @@
     profiling.py     a profile of a window of steps from inside a run
 """
 
-from matvlm.training.batches import (
-                                     EpochOrder,
-                                     ResumableBatches,
-                                     StagedOrder,
-                                     SubsetOrder,
-                                     even_micro_batches,
-                                     micro_batch_bounds,
-                                     micro_batches,
-                                     row_chunks,
-)
-from matvlm.training.checkpoint import (
-                                     check_same_run,
-                                     list_checkpoints,
-                                     load_checkpoint,
-                                     rng_state,
-                                     save_checkpoint,
-                                     set_rng_state,
-)
+from matvlm.training.batches import (EpochOrder, ResumableBatches, StagedOrder, SubsetOrder, even_micro_batches,
+                                     micro_batch_bounds, micro_batches, row_chunks)
+from matvlm.training.checkpoint import (check_same_run, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                        set_rng_state)
 from matvlm.training.distributed import end_process_group, start_process_group
 from matvlm.training.log import read_log
 from matvlm.training.loop import Job, LoopSettings, Run, TrainResult, start_run, train
